@@ -1,0 +1,103 @@
+"""Chunk sizes: explicit ones are honoured, missing ones are chosen from shapes and a budget.
+
+The rule (documented in the README):
+
+1. The working set of one step is a score chunk of ``Z * H * q_chunk * k_chunk`` elements of the
+   compute dtype, of which the backward keeps about three at once (scores/probabilities, dP, dS).
+   The budget for it is ``memory_budget / 4`` (default budget: 64 MiB, so 16 MiB of scores).
+2. Start from ``q_chunk = min(L, 1024)``, ``k_chunk = min(S, 1024)`` and halve the larger of the
+   two until the chunk fits, never below 16 (a budget smaller than that is reported).
+3. Even out the chunks: ``ceil(L / q_chunk)`` chunks of equal size (rounded up to a multiple of
+   8 when that keeps the count) instead of a short tail, same for keys.
+
+Example::
+
+    >>> from memory_efficient_attention._spec import Dims
+    >>> choose_chunk_sizes(Dims((1,), 16384, 16384, 8, 8, 64, 64), "float32")
+    (1024, 512)
+    >>> parse_memory("512MB"), parse_memory("1.5GiB"), parse_memory(4096)
+    (512000000, 1610612736, 4096)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from ._spec import AttentionInputError, Dims, check_chunk_size, compute_dtype_name
+
+__all__ = ["DEFAULT_MEMORY_BUDGET", "choose_chunk_sizes", "parse_memory"]
+
+DEFAULT_MEMORY_BUDGET = 64 * 2**20
+_MIN_CHUNK = 16
+_MAX_CHUNK = 1024
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+
+
+def parse_memory(budget: int | float | str | None) -> int | None:
+    """Bytes from an int or a string such as ``"512MB"``, ``"2 GiB"``, ``"300k"``."""
+    if budget is None:
+        return None
+    if isinstance(budget, bool):
+        raise AttentionInputError(
+            f"memory_budget must be bytes or a string like '512MB', got {budget!r}"
+        )
+    if isinstance(budget, (int, float)):
+        value = float(budget)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(budget))
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise AttentionInputError(
+                f"memory_budget must be bytes or a string like '512MB' or '2GiB', got {budget!r}"
+            )
+        value = float(match.group(1)) * _UNITS[unit]
+    if not value > 0:
+        raise AttentionInputError(f"memory_budget must be positive, got {budget!r}")
+    return int(value)
+
+
+def _even(length: int, size: int) -> int:
+    """The smallest chunk size that cuts ``length`` into as many chunks as ``size`` does."""
+    count = math.ceil(length / size)
+    even = math.ceil(length / count)
+    rounded = -(-even // 8) * 8
+    return rounded if math.ceil(length / rounded) == count and rounded <= size else even
+
+
+def choose_chunk_sizes(
+    dims: Dims,
+    dtype_name: str,
+    query_chunk_size: int | None = None,
+    key_chunk_size: int | None = None,
+    memory_budget: int | float | str | None = None,
+) -> tuple[int, int]:
+    """``(q_chunk, k_chunk)`` for a call of ``dims``; explicit sizes are returned unchanged
+    (clipped to the lengths, since a chunk never exceeds its axis)."""
+    q_chunk = check_chunk_size("query_chunk_size", query_chunk_size)
+    k_chunk = check_chunk_size("key_chunk_size", key_chunk_size)
+    budget = parse_memory(memory_budget) or DEFAULT_MEMORY_BUDGET
+    itemsize = 8 if compute_dtype_name(dtype_name) == "float64" else 4
+    rows = dims.batch_size * dims.q_heads
+    max_elems = max(budget // 4 // itemsize, 1)
+
+    auto_q, auto_k = q_chunk is None, k_chunk is None
+    qc = min(dims.q_len, q_chunk or _MAX_CHUNK)
+    kc = min(dims.kv_len, k_chunk or _MAX_CHUNK)
+    while rows * qc * kc > max_elems:
+        if auto_k and (kc >= qc or not auto_q) and kc > _MIN_CHUNK:
+            kc = max(_MIN_CHUNK, kc // 2)
+        elif auto_q and qc > _MIN_CHUNK:
+            qc = max(_MIN_CHUNK, qc // 2)
+        else:
+            break
+    if auto_q:
+        qc = _even(dims.q_len, qc)
+    if auto_k:
+        kc = _even(dims.kv_len, kc)
+    return qc, kc

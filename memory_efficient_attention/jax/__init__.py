@@ -1,0 +1,6 @@
+"""JAX: memory-efficient exact attention (``efficient_dot_product_attention``) and a drop-in for
+``jax.nn.dot_product_attention``."""
+
+from ._api import dot_product_attention, efficient_dot_product_attention
+
+__all__ = ["dot_product_attention", "efficient_dot_product_attention"]

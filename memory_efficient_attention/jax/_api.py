@@ -1,0 +1,340 @@
+"""Public JAX functions.
+
+Shape legend (``memory_efficient_attention._spec``): ``B...`` batch dims (any number, or none),
+``L`` query length, ``S`` key length, ``H`` query heads, ``K`` key/value heads (``H % K == 0``),
+``D`` query/key depth, ``E`` value depth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .._config import make_config
+from .._spec import (
+    AttentionInputError,
+    Dims,
+    check_float_dtypes,
+    describe,
+    operand_shape,
+    padded_operand_shape,
+    seed_dims,
+)
+from ._function import chunked_attention
+from ._kernel import Mods, Operands
+
+__all__ = ["dot_product_attention", "efficient_dot_product_attention"]
+
+
+def _dtype_name(x) -> str:
+    return jnp.dtype(x.dtype).name
+
+
+def _check_qkv(query, key, value):
+    arrays = []
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+        arrays.append(jnp.asarray(x))
+    check_float_dtypes([(n, _dtype_name(x)) for n, x in zip(("query", "key", "value"), arrays)])
+    return arrays
+
+
+def _operand(name: str, x, dims: Dims, *, boolean: bool):
+    """A mask/bias broadcastable to ``[B..., H, L, S]`` -> kernel shape ``[Zb, Hb, Lb, Sb]``."""
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    if boolean:
+        if x.dtype != jnp.bool_:
+            x = x != 0  # Flax's rule: any nonzero value keeps
+    elif not jnp.issubdtype(x.dtype, jnp.floating):
+        raise AttentionInputError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    kernel_shape = operand_shape(name, x.shape, dims)
+    x = x.reshape((1,) * (len(dims.mask_shape()) - x.ndim) + x.shape)
+    return jnp.broadcast_to(x, padded_operand_shape(x.shape, dims)).reshape(kernel_shape)
+
+
+def _int_array(name: str, x):
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise AttentionInputError(f"{name} must be an integer array, got dtype {x.dtype}")
+    return x
+
+
+def _dropout_key(rng):
+    if rng is None:
+        raise AttentionInputError("dropout_rate > 0 needs dropout_rng (a jax.random key)")
+    rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
+    if rng.dtype != jnp.uint32 or rng.shape != (2,):
+        raise AttentionInputError(
+            f"dropout_rng must be a jax.random.key or PRNGKey, got dtype {rng.dtype} shape "
+            f"{describe(rng.shape)}"
+        )
+    return rng
+
+
+def _attention(q5, k4, v4, dims: Dims, *, mask, bias, mask_fill, precision, query_chunk_size,
+               key_chunk_size, memory_budget, scale, is_causal, causal_alignment, local_window_size,
+               query_seq_lengths, key_value_seq_lengths, query_segment_ids, key_segment_ids,
+               score_mod, mask_mod, logits_soft_cap, dropout_rate, dropout_rng, calc_fns,
+               calc_fn_data):  # fmt: skip
+    """Validate the rest, build the config and run the kernel on kernel-layout q/k/v."""
+    qlen = _int_array("query_seq_lengths", query_seq_lengths)
+    kvlen = _int_array("key_value_seq_lengths", key_value_seq_lengths)
+    qseg = _int_array("query_segment_ids", query_segment_ids)
+    kvseg = _int_array("key_segment_ids", key_segment_ids)
+    cfg = make_config(
+        dims,
+        _dtype_name(q5),
+        scale=scale,
+        query_chunk_size=query_chunk_size,
+        key_chunk_size=key_chunk_size,
+        memory_budget=memory_budget,
+        is_causal=is_causal,
+        causal_alignment=causal_alignment,
+        local_window_size=local_window_size,
+        q_lengths_shape=None if qlen is None else qlen.shape,
+        kv_lengths_shape=None if kvlen is None else kvlen.shape,
+        q_segments_shape=None if qseg is None else qseg.shape,
+        kv_segments_shape=None if kvseg is None else kvseg.shape,
+        mask_mod=mask_mod,
+        mask_fill=mask_fill,
+        logits_soft_cap=logits_soft_cap,
+        dropout_rate=dropout_rate,
+    )
+    if score_mod is not None and not callable(score_mod):
+        raise AttentionInputError(
+            f"score_mod must be callable(score, b, h, q_idx, kv_idx), got {score_mod!r}"
+        )
+    z = dims.batch_size
+    ops = Operands(
+        q5,
+        k4,
+        v4,
+        _operand("bias", bias, dims, boolean=False),
+        _operand("mask", mask, dims, boolean=True),
+        None if qlen is None else qlen.reshape(z),
+        None if kvlen is None else kvlen.reshape(z),
+        None if qseg is None else qseg.reshape(z, dims.q_len),
+        None if kvseg is None else kvseg.reshape(z, dims.kv_len),
+        calc_fn_data,
+        _dropout_key(dropout_rng) if cfg.dropout else None,
+    )
+    mods = Mods(score_mod, mask_mod, *calc_fns, precision)
+    return chunked_attention(cfg, mods, ops)
+
+
+def efficient_dot_product_attention(
+    query,
+    key,
+    value,
+    mask=None,
+    bias=None,
+    precision=lax.Precision.HIGHEST,
+    query_chunk_size: int | None = None,
+    key_chunk_size: int | None = None,
+    bias_calc_fn: Callable | None = None,
+    mask_calc_fn: Callable | None = None,
+    weights_calc_fn: Callable | None = None,
+    calc_fn_data: Any = None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    causal_alignment: str = "top_left",
+    local_window_size: int | tuple[int, int] | None = None,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    query_segment_ids=None,
+    key_segment_ids=None,
+    score_mod: Callable | None = None,
+    mask_mod: Callable | None = None,
+    logits_soft_cap: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng=None,
+    return_lse: bool = False,
+    memory_budget: int | str | None = None,
+):
+    """Exact attention in O(n) memory, forward and backward (seed-compatible signature).
+
+    Args:
+      query: ``[B..., L, H, D]``.
+      key: ``[B..., S, K, D]``; ``K`` divides ``H`` (grouped-query attention without repeating
+        K/V: query head ``h`` uses key/value head ``h // (H // K)``).
+      value: ``[B..., S, K, E]``.
+      mask: bool, broadcastable to ``[B..., H, L, S]``; False masks a score to ``finfo.min`` (the
+        seed's and Flax's rule: a row masked everywhere averages the values). Dense masks cost
+        O(L*S) memory: prefer the structured arguments below.
+      bias: float, broadcastable to ``[B..., H, L, S]``, added to the scores; gets a gradient.
+      precision: ``jax.lax.Precision`` of the matmuls (default HIGHEST).
+      query_chunk_size, key_chunk_size: chunk sizes; None chooses them from the shapes and
+        ``memory_budget`` (see the README). Any length works: the last chunk is shorter.
+      bias_calc_fn, mask_calc_fn, weights_calc_fn, calc_fn_data: the seed's per-chunk callbacks,
+        called once per (query chunk, key chunk) with ``attn_weights`` ``[B..., lc, H, kc]``
+        and traced offsets (see the torch function for their signatures). Traced values reach
+        them through ``calc_fn_data``, whose float leaves get gradients.
+      scale, is_causal, causal_alignment, local_window_size, query_seq_lengths,
+      key_value_seq_lengths, query_segment_ids, key_segment_ids, score_mod, mask_mod,
+      logits_soft_cap: as in ``memory_efficient_attention.torch.efficient_dot_product_attention``.
+        ``score_mod``/``mask_mod`` are traced once per call on ``[Z, K, q_chunk, G, k_chunk]``
+        grids and may close over concrete arrays (closures over traced values work under ``jit``
+        but do not receive gradients; pass such parameters as a ``bias``).
+      dropout_rate, dropout_rng: dropout on the normalised probabilities from a ``jax.random``
+        key; the backward regenerates the keep mask instead of storing it.
+      return_lse: also return the log-sum-exp of each row, ``[B..., L, H]`` (float32; float64 for
+        float64 inputs), ``-inf`` for a row with no key left. It is differentiable.
+      memory_budget: bytes or a string like ``"512MB"`` for the automatic chunk sizes.
+
+    Structured masks exclude keys: a query row with no key left outputs 0 with zero gradient.
+    Works under ``jit``, ``vmap`` and ``grad``.
+
+    Returns:
+      ``[B..., L, H, E]`` in the input dtype (and the lse with ``return_lse``).
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp
+        >>> from memory_efficient_attention.jax import efficient_dot_product_attention
+        >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 100, 4, 16))
+        >>> out = efficient_dot_product_attention(q, k, v, is_causal=True, key_chunk_size=32)
+        >>> out.shape
+        (2, 100, 4, 16)
+        >>> ref = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        >>> bool(jnp.allclose(out, ref, atol=1e-5))
+        True
+    """
+    query, key, value = _check_qkv(query, key, value)
+    dims = seed_dims(query.shape, key.shape, value.shape)
+    z, kh, g = dims.batch_size, dims.kv_heads, dims.groups
+    q5 = query.reshape(z, dims.q_len, kh, g, dims.qk_depth).transpose(0, 2, 1, 3, 4)
+    k4 = key.reshape(z, dims.kv_len, kh, dims.qk_depth).transpose(0, 2, 1, 3)
+    v4 = value.reshape(z, dims.kv_len, kh, dims.v_depth).transpose(0, 2, 1, 3)
+    out, lse = _attention(
+        q5, k4, v4, dims, mask=mask, bias=bias, mask_fill="min", precision=precision,
+        query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size,
+        memory_budget=memory_budget, scale=scale, is_causal=is_causal,
+        causal_alignment=causal_alignment, local_window_size=local_window_size,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        query_segment_ids=query_segment_ids, key_segment_ids=key_segment_ids,
+        score_mod=score_mod, mask_mod=mask_mod, logits_soft_cap=logits_soft_cap,
+        dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+        calc_fns=(bias_calc_fn, mask_calc_fn, weights_calc_fn), calc_fn_data=calc_fn_data,
+    )  # fmt: skip
+    out = out.transpose(0, 2, 1, 3, 4).reshape(*dims.batch, dims.q_len, dims.q_heads, dims.v_depth)
+    if not return_lse:
+        return out
+    return out, lse.transpose(0, 2, 1, 3).reshape(*dims.batch, dims.q_len, dims.q_heads)
+
+
+def _large_negative(dtype) -> float:
+    """``jax.nn.dot_product_attention``'s masked logit: -0.7 * max of the logits dtype, capped to
+    the float32 range (logits are float32, or float64 for float64 inputs)."""
+    logits = jnp.promote_types(dtype, jnp.float32)
+    return -0.7 * min(float(jnp.finfo(logits).max), float(jnp.finfo(jnp.float32).max))
+
+
+def dot_product_attention(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    local_window_size: int | tuple[int, int] | None = None,
+    implementation: str | None = None,
+    return_residual: bool = False,
+):
+    """Drop-in for ``jax.nn.dot_product_attention`` with its exact semantics, in O(n) memory.
+
+    Args:
+      query: ``[B, T, N, H]`` or ``[T, N, H]``.
+      key, value: ``[B, S, K, H]`` or ``[S, K, H]``; ``N % K == 0`` (grouped-query attention).
+      bias: added to the logits, broadcastable to ``[B, N, T, S]``.
+      mask: bool, broadcastable to ``[B, N, T, S]``; True takes part.
+      scale: default ``1/sqrt(H)``.
+      is_causal: top-left causal mask.
+      query_seq_lengths, key_value_seq_lengths: integer ``[B]``.
+      local_window_size: ``w`` or ``(left, right)``: query ``t`` sees keys ``t-left .. t+right``.
+      implementation: accepted for compatibility: None or ``"xla"`` (our kernel runs either way).
+      return_residual: also return the log-sum-exp ``[B, T, N]`` (no gradient), as jax does.
+
+    As in jax, masked logits are a large finite negative number, so a row whose every key is
+    masked returns the mean of the values; rows past ``query_seq_lengths`` are zero. Our kernel
+    excludes masked keys (so it can skip whole blocks) and then applies exactly that rule.
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp
+        >>> from memory_efficient_attention.jax import dot_product_attention
+        >>> q, k, v = jax.random.normal(jax.random.key(1), (3, 2, 300, 4, 32))
+        >>> lengths = jnp.array([300, 120], dtype=jnp.int32)
+        >>> out = dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths)
+        >>> ref = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths)
+        >>> bool(jnp.allclose(out, ref, atol=1e-5))
+        True
+    """
+    if implementation not in (None, "xla", "cudnn"):
+        raise AttentionInputError(f"Unsupported implementation option: {implementation!r}")
+    query, key, value = _check_qkv(query, key, value)
+    output_shape = query.shape
+
+    def ensure_4d(x):
+        return x if x is None or x.ndim >= 4 else x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+    query, key, value = (ensure_4d(x) for x in (query, key, value))
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.ndim != 4:
+            raise AttentionInputError(
+                f"{name} must be [B, T, N, H] or [T, N, H], got shape {describe(x.shape)}"
+            )
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.dtype != jnp.bool_:
+            raise AttentionInputError(
+                f"mask must be a bool array (True takes part), got dtype {mask.dtype}"
+            )
+        mask = ensure_4d(mask)
+    if bias is not None:
+        bias = ensure_4d(jnp.asarray(bias))
+    dims = seed_dims(query.shape, key.shape, value.shape)
+    z, kh, g = dims.batch_size, dims.kv_heads, dims.groups
+    q5 = query.reshape(z, dims.q_len, kh, g, dims.qk_depth).transpose(0, 2, 1, 3, 4)
+    k4 = key.transpose(0, 2, 1, 3)
+    v4 = value.transpose(0, 2, 1, 3)
+    out, lse = _attention(
+        q5, k4, v4, dims, mask=mask, bias=bias, mask_fill="exclude", precision=None,
+        query_chunk_size=None, key_chunk_size=None, memory_budget=None, scale=scale,
+        is_causal=is_causal, causal_alignment="top_left", local_window_size=local_window_size,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        query_segment_ids=None, key_segment_ids=None, score_mod=None, mask_mod=None,
+        logits_soft_cap=None, dropout_rate=0.0, dropout_rng=None, calc_fns=(None, None, None),
+        calc_fn_data=None,
+    )  # fmt: skip
+    # jax's rule for rows with no key left: every logit is the same finite number, so the row
+    # averages all values (and its lse is that number + log S).
+    empty = lse == -jnp.inf  # [Z, K, T, G]
+    mean_v = v4.astype(jnp.promote_types(v4.dtype, jnp.float32)).mean(axis=2)  # [Z, K, E]
+    out = jnp.where(empty[..., None], mean_v[:, :, None, None, :].astype(out.dtype), out)
+    if query_seq_lengths is not None:
+        rows = jnp.arange(dims.q_len).reshape(1, 1, -1, 1, 1)
+        out = out * (rows < jnp.asarray(query_seq_lengths).reshape(z, 1, 1, 1, 1)).astype(out.dtype)
+    out = out.transpose(0, 2, 1, 3, 4).reshape(output_shape)
+    if not return_residual:
+        return out
+    large_neg = _large_negative(query.dtype)
+    lse = jnp.where(empty, large_neg + np.log(dims.kv_len), lse)
+    lse = lax.stop_gradient(lse.transpose(0, 2, 1, 3).reshape(output_shape[:-1]).astype(key.dtype))
+    return out, lse

@@ -1,0 +1,534 @@
+"""The JAX kernel: chunked attention with online softmax and a FlashAttention-2 backward.
+
+Kernel layout (see ``memory_efficient_attention._spec``)::
+
+    q     [Z, K, L, G, D]     k  [Z, K, S, D]     v  [Z, K, S, E]
+    bias  [Zb, Hb, Lb, Sb]    mask (bool) likewise; each size 1 or full
+    out   [Z, K, L, G, E]     row_max, row_sum  [Z, K, L, G]  (compute dtype)
+
+The same algorithm as ``memory_efficient_attention.torch._kernel``, with the same function names:
+loops are ``lax.fori_loop`` over full chunks plus one statically shaped step for a shorter last
+chunk (never padding, never clamping), bounded by the static block plan, so empty blocks are
+never visited; lengths and segments skip blocks at run time with ``lax.cond``. The backward
+differentiates the chunk's score pipeline with ``jax.vjp`` (matmul, soft cap, bias, callbacks,
+mods and masks in one function), so every feature has its gradient from one definition.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .._config import KernelConfig, chunk_keep
+
+_NEG_INF = -jnp.inf
+
+
+class Mods(NamedTuple):
+    """User callables and the matmul precision: static (hashable) for ``jit``/``custom_vjp``."""
+
+    score_mod: Any = None
+    mask_mod: Any = None
+    bias_calc_fn: Any = None
+    mask_calc_fn: Any = None
+    weights_calc_fn: Any = None
+    precision: Any = lax.Precision.HIGHEST
+
+    @property
+    def seed_callbacks(self) -> bool:
+        return any(
+            f is not None for f in (self.bias_calc_fn, self.mask_calc_fn, self.weights_calc_fn)
+        )
+
+
+class Operands(NamedTuple):
+    """Kernel-layout arrays of one call (legend: ``memory_efficient_attention._spec``)."""
+
+    q: jax.Array  # [Z, K, L, G, D]
+    k: jax.Array  # [Z, K, S, D]
+    v: jax.Array  # [Z, K, S, E]
+    bias: jax.Array | None = None  # [Zb, Hb, Lb, Sb]
+    mask: jax.Array | None = None  # [Zm, Hm, Lm, Sm] bool
+    q_lengths: jax.Array | None = None  # [Z]
+    kv_lengths: jax.Array | None = None  # [Z]
+    q_segments: jax.Array | None = None  # [Z, L]
+    kv_segments: jax.Array | None = None  # [Z, S]
+    data: Any = None  # calc_fn_data of the seed callbacks (a pytree)
+    dropout_key: jax.Array | None = None  # raw key data (uint32)
+
+
+class _Chunk(NamedTuple):
+    """Where one (query chunk, key chunk) pair sits. Starts may be traced; sizes are static."""
+
+    i: Any
+    j: Any
+    q0: Any
+    lc: int
+    k0: Any
+    kc: int
+
+
+# ------------------------------------------------------------------------------------------------
+# Loops over chunks
+# ------------------------------------------------------------------------------------------------
+
+
+def _chunk_loop(total: int, size: int, lo, hi, body, carry):
+    """``body(index, start, static_size, carry)`` for chunks ``[lo, hi)`` of ``size`` over
+    ``total`` items: a ``fori_loop`` over the full chunks and one step for a shorter last chunk.
+    ``lo``/``hi`` may be traced (bounds of the block plan looked up with a traced index)."""
+    n_full, tail = divmod(total, size)
+
+    def full(idx, c):
+        idx = jnp.asarray(idx, jnp.int32)
+        return body(idx, idx * size, size, c)
+
+    if isinstance(lo, int) and isinstance(hi, int):
+        a, b = min(lo, n_full), min(hi, n_full)
+        if b > a:
+            carry = lax.fori_loop(a, b, full, carry)
+        if tail and lo <= n_full < hi:
+            carry = body(n_full, n_full * size, tail, carry)
+        return carry
+    lo, hi = jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
+    carry = lax.fori_loop(jnp.minimum(lo, n_full), jnp.minimum(hi, n_full), full, carry)
+    if tail:
+        carry = lax.cond(
+            (lo <= n_full) & (n_full < hi),
+            lambda c: body(n_full, n_full * size, tail, c),
+            lambda c: c,
+            carry,
+        )
+    return carry
+
+
+def _bounds_table(cfg: KernelConfig, *, by_key: bool):
+    plan = cfg.plan
+    n = plan.num_k_chunks if by_key else plan.num_q_chunks
+    rows = [plan.query_chunks(o) if by_key else plan.key_chunks(o) for o in range(n)]
+    return np.asarray(rows, dtype=np.int32).reshape(n, 2)
+
+
+def _lookup(table: np.ndarray, idx):
+    """``table[idx]`` for a Python int (static) or a traced index."""
+    if isinstance(idx, int):
+        return int(table[idx, 0]), int(table[idx, 1])
+    t = jnp.asarray(table)
+    return t[idx, 0], t[idx, 1]
+
+
+def _pair_nonempty(ops: Operands, c: _Chunk):
+    """Whether lengths/segments leave any pair of the chunk for some batch element (traced), or
+    None when there are no lengths or segments."""
+    ok = None
+    if ops.q_lengths is not None:
+        ok = c.q0 < ops.q_lengths
+    if ops.kv_lengths is not None:
+        part = c.k0 < ops.kv_lengths
+        ok = part if ok is None else ok & part
+    if ops.q_segments is not None:
+        qs = lax.dynamic_slice_in_dim(ops.q_segments, c.q0, c.lc, axis=1)
+        ks = lax.dynamic_slice_in_dim(ops.kv_segments, c.k0, c.kc, axis=1)
+        part = (qs.min(axis=1) <= ks.max(axis=1)) & (ks.min(axis=1) <= qs.max(axis=1))
+        ok = part if ok is None else ok & part
+    return None if ok is None else jnp.any(ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# Chunk views
+# ------------------------------------------------------------------------------------------------
+
+
+def _operand_slice(x, c: _Chunk):
+    """The ``[Zb, Hb, lcb, kcb]`` slice of a ``[Zb, Hb, Lb, Sb]`` operand for one chunk."""
+    if x is None:
+        return None
+    if x.shape[2] > 1:
+        x = lax.dynamic_slice_in_dim(x, c.q0, c.lc, axis=2)
+    if x.shape[3] > 1:
+        x = lax.dynamic_slice_in_dim(x, c.k0, c.kc, axis=3)
+    return x
+
+
+def _operand_chunk(x, cfg: KernelConfig):
+    """``[Zb, Hb, lcb, kcb]`` -> ``[Zb, Kb, lcb, Gb, kcb]``, broadcastable to the scores."""
+    if x is None:
+        return None
+    zb, hb, lb, sb = x.shape
+    kb, gb = (cfg.dims.kv_heads, cfg.dims.groups) if hb > 1 else (1, 1)
+    return x.reshape(zb, kb, gb, lb, sb).transpose(0, 1, 3, 2, 4)
+
+
+def _seed_to_chunk(x, cfg: KernelConfig):
+    """A callback's bias/mask ``[B..., H, lc, kc]`` (broadcastable) -> ``[Zb, Kb, lc, Gb, kc]``."""
+    dims = cfg.dims
+    nb = len(dims.batch)
+    x = jnp.asarray(x)
+    x = x.reshape((1,) * (nb + 3 - x.ndim) + x.shape)
+    if any(s != 1 for s in x.shape[:nb]):
+        x = jnp.broadcast_to(x, (*dims.batch, *x.shape[nb:]))
+    return _operand_chunk(x.reshape(-1, *x.shape[nb:]), cfg)
+
+
+def _chunk_to_seed(x, cfg: KernelConfig):
+    """A ``[Zb, Hb, lcb, kcb]`` slice -> ``[B..., Hb, lcb, kcb]`` for a callback."""
+    if x is None:
+        return None
+    batch = cfg.dims.batch if x.shape[0] > 1 else (1,) * len(cfg.dims.batch)
+    return x.reshape(*batch, *x.shape[1:])
+
+
+def _index_grids(cfg: KernelConfig, c: _Chunk, lc: int, kc: int):
+    dims = cfg.dims
+    q_idx = c.q0 + lax.broadcasted_iota(jnp.int32, (1, 1, lc, 1, 1), 2)
+    k_idx = c.k0 + lax.broadcasted_iota(jnp.int32, (1, 1, 1, 1, kc), 4)
+    b_idx = lax.broadcasted_iota(jnp.int32, (dims.batch_size, 1, 1, 1, 1), 0)
+    h_idx = jnp.arange(dims.q_heads, dtype=jnp.int32).reshape(1, dims.kv_heads, 1, dims.groups, 1)
+    return q_idx, k_idx, b_idx, h_idx
+
+
+def _full_size(s, cfg: KernelConfig, c: _Chunk):
+    """Mods see one shape for every chunk (``[Z, K, q_chunk, G, k_chunk]``): a shorter last chunk is
+    padded for the call and the result cut back, so a mod traced once serves all chunks."""
+    pad_q, pad_k = cfg.q_chunk - c.lc, cfg.k_chunk - c.kc
+    if s is not None and (pad_q or pad_k):
+        s = jnp.pad(s, ((0, 0), (0, 0), (0, pad_q), (0, 0), (0, pad_k)))
+    return s, _index_grids(cfg, c, cfg.q_chunk, cfg.k_chunk)
+
+
+# ------------------------------------------------------------------------------------------------
+# The score pipeline of one chunk: scale, matmul, soft cap, bias, seed callbacks, dense mask,
+# score_mod, structured masks. A pure function of (qi, kj, bias slice, data): jax.vjp gives all
+# of their gradients in the backward.
+# ------------------------------------------------------------------------------------------------
+
+
+def _scores(cfg: KernelConfig, mods: Mods, ops: Operands, c: _Chunk, qi, kj, bias_s, data):
+    cdt = qi.dtype
+    s = jnp.einsum(
+        "zklgd,zksd->zklgs", qi * jnp.asarray(cfg.scale, cdt), kj, precision=mods.precision,
+        preferred_element_type=cdt,
+    )  # fmt: skip
+    if cfg.softcap is not None:
+        s = cfg.softcap * jnp.tanh(s / cfg.softcap)
+    mask_s = _operand_slice(ops.mask, c)
+    if mods.seed_callbacks:
+        s = _seed_callbacks(s, cfg, mods, c, bias_s, mask_s, data)
+    else:
+        if bias_s is not None:
+            s = s + _operand_chunk(bias_s, cfg).astype(cdt)
+        if mask_s is not None:
+            s = jnp.where(_operand_chunk(mask_s, cfg), s, _fill_value(cfg, cdt))
+    if mods.score_mod is not None:
+        full, (q_idx, k_idx, b_idx, h_idx) = _full_size(s, cfg, c)
+        full = jnp.broadcast_to(mods.score_mod(full, b_idx, h_idx, q_idx, k_idx), full.shape)
+        s = full[:, :, : c.lc, :, : c.kc].astype(cdt)
+    if cfg.structure.any:
+        keep = _keep(cfg, mods, ops, c)
+        s = jnp.where(keep, s, _NEG_INF)
+    return s
+
+
+def _fill_value(cfg: KernelConfig, dtype):
+    return jnp.finfo(dtype).min if cfg.mask_fill == "min" else _NEG_INF
+
+
+def _keep(cfg: KernelConfig, mods: Mods, ops: Operands, c: _Chunk):
+    q_idx, k_idx, b_idx, h_idx = _index_grids(cfg, c, c.lc, c.kc)
+    mask_mod = None
+    if mods.mask_mod is not None:
+        _, (fq, fk, fb, fh) = _full_size(None, cfg, c)
+        full = jnp.broadcast_to(
+            mods.mask_mod(fb, fh, fq, fk),
+            (cfg.dims.batch_size, cfg.dims.kv_heads, cfg.q_chunk, cfg.dims.groups, cfg.k_chunk),
+        )
+        mod_keep = full[:, :, : c.lc, :, : c.kc]
+
+        def mask_mod(*_):
+            return mod_keep
+
+    z = cfg.dims.batch_size
+    return chunk_keep(
+        cfg.structure,
+        q_idx,
+        k_idx,
+        q_lengths=None if ops.q_lengths is None else ops.q_lengths.reshape(z, 1, 1, 1, 1),
+        kv_lengths=None if ops.kv_lengths is None else ops.kv_lengths.reshape(z, 1, 1, 1, 1),
+        q_segments=None
+        if ops.q_segments is None
+        else lax.dynamic_slice_in_dim(ops.q_segments, c.q0, c.lc, 1).reshape(z, 1, c.lc, 1, 1),
+        kv_segments=None
+        if ops.kv_segments is None
+        else lax.dynamic_slice_in_dim(ops.kv_segments, c.k0, c.kc, 1).reshape(z, 1, 1, 1, c.kc),
+        mask_mod=mask_mod,
+        batch_idx=b_idx,
+        head_idx=h_idx,
+    )
+
+
+def _seed_callbacks(s, cfg: KernelConfig, mods: Mods, c: _Chunk, bias_s, mask_s, data):
+    """The seed's callbacks, in the seed's order and layout ``[B..., lc, H, kc]``; ``bias_s`` and
+    ``mask_s`` are operand slices ``[Zb, Hb, lcb, kcb]`` (or None)."""
+    dims = cfg.dims
+    seed_shape = (*dims.batch, c.lc, dims.q_heads, c.kc)
+
+    def seed_weights(x):
+        return x.transpose(0, 2, 1, 3, 4).reshape(seed_shape)
+
+    def from_seed_weights(w):
+        w = jnp.broadcast_to(w, seed_shape)
+        w = w.reshape(dims.batch_size, c.lc, dims.kv_heads, dims.groups, c.kc)
+        return w.transpose(0, 2, 1, 3, 4)
+
+    bias_c = _operand_chunk(bias_s, cfg)
+    if mods.bias_calc_fn is not None:
+        bias = mods.bias_calc_fn(c.q0, c.k0, _chunk_to_seed(bias_s, cfg), seed_weights(s), data)
+        bias_c = None if bias is None else _seed_to_chunk(bias, cfg)
+    if bias_c is not None:
+        s = s + bias_c.astype(s.dtype)
+    mask_c = _operand_chunk(mask_s, cfg)
+    if mods.mask_calc_fn is not None:
+        mask = mods.mask_calc_fn(c.q0, c.k0, _chunk_to_seed(mask_s, cfg), seed_weights(s), data)
+        mask_c = None if mask is None else _seed_to_chunk(mask, cfg)
+    if mask_c is not None:
+        s = jnp.where(mask_c, s, _fill_value(cfg, s.dtype))
+    if mods.weights_calc_fn is not None:
+        w = mods.weights_calc_fn(c.q0, c.k0, seed_weights(s), data)
+        s = from_seed_weights(w).astype(s.dtype)
+    return s
+
+
+# ------------------------------------------------------------------------------------------------
+# Dropout: a keep mask regenerated from (key, i, j) in forward and backward, never stored.
+# ------------------------------------------------------------------------------------------------
+
+
+def _dropout_scale(shape, cfg: KernelConfig, key_data, c: _Chunk, dtype):
+    key = jax.random.wrap_key_data(key_data)
+    key = jax.random.fold_in(jax.random.fold_in(key, c.i), c.j)
+    keep = jax.random.bernoulli(key, 1.0 - cfg.dropout, shape)
+    return keep.astype(dtype) / jnp.asarray(1.0 - cfg.dropout, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward
+# ------------------------------------------------------------------------------------------------
+
+
+def _cast_inputs(cfg: KernelConfig, ops: Operands):
+    cdt = jnp.dtype(cfg.compute_dtype)
+    return cdt, ops.q.astype(cdt), ops.k.astype(cdt), ops.v.astype(cdt)
+
+
+def attention_forward(cfg: KernelConfig, mods: Mods, ops: Operands):
+    """Returns ``out [Z, K, L, G, E]`` (input dtype), ``row_max``, ``row_sum`` ``[Z, K, L, G]``."""
+    dims = cfg.dims
+    z, kh, g, e = dims.batch_size, dims.kv_heads, dims.groups, dims.v_depth
+    cdt, q, k, v = _cast_inputs(cfg, ops)
+    key_bounds = _bounds_table(cfg, by_key=False)
+
+    def query_chunk(i, q0, lc, carry):
+        out, row_max, row_sum = carry
+        qi = lax.dynamic_slice_in_dim(q, q0, lc, axis=2)
+
+        def key_chunk(j, k0, kc, state):
+            c = _Chunk(i, j, q0, lc, k0, kc)
+
+            def compute(state):
+                m, l, acc = state
+                kj = lax.dynamic_slice_in_dim(k, k0, kc, axis=2)
+                vj = lax.dynamic_slice_in_dim(v, k0, kc, axis=2)
+                s = _scores(cfg, mods, ops, c, qi, kj, _operand_slice(ops.bias, c), ops.data)
+                m_new = jnp.maximum(m, s.max(axis=-1))
+                m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new).astype(cdt)
+                p = jnp.exp(s - m_safe[..., None])
+                alpha = jnp.exp(m - m_safe)
+                l = alpha * l + p.sum(axis=-1)
+                if cfg.dropout:
+                    p = p * _dropout_scale(p.shape, cfg, ops.dropout_key, c, cdt)
+                pv = jnp.einsum("zklgs,zkse->zklge", p, vj, precision=mods.precision)
+                return m_new, l, alpha[..., None] * acc + pv
+
+            nonempty = _pair_nonempty(ops, c)
+            if nonempty is None:
+                return compute(state)
+            return lax.cond(nonempty, compute, lambda st: st, state)
+
+        init = (
+            jnp.full((z, kh, lc, g), _NEG_INF, cdt),
+            jnp.zeros((z, kh, lc, g), cdt),
+            jnp.zeros((z, kh, lc, g, e), cdt),
+        )
+        lo, hi = _lookup(key_bounds, i)
+        m, l, acc = _chunk_loop(dims.kv_len, cfg.k_chunk, lo, hi, key_chunk, init)
+        m_safe = jnp.where(m == _NEG_INF, 0.0, m).astype(cdt)
+        inv_l = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0).astype(cdt)
+        out = lax.dynamic_update_slice_in_dim(out, acc * inv_l[..., None], q0, axis=2)
+        row_max = lax.dynamic_update_slice_in_dim(row_max, m_safe, q0, axis=2)
+        row_sum = lax.dynamic_update_slice_in_dim(row_sum, l, q0, axis=2)
+        return out, row_max, row_sum
+
+    init = (
+        jnp.zeros((z, kh, dims.q_len, g, e), cdt),
+        jnp.zeros((z, kh, dims.q_len, g), cdt),
+        jnp.zeros((z, kh, dims.q_len, g), cdt),
+    )
+    out, row_max, row_sum = _chunk_loop(
+        dims.q_len, cfg.q_chunk, 0, cfg.plan.num_q_chunks, query_chunk, init
+    )
+    return out.astype(ops.q.dtype), row_max, row_sum
+
+
+def log_sum_exp(row_max, row_sum):
+    """``lse = max + log(sum)``; ``-inf`` for rows with no key left."""
+    safe = jnp.where(row_sum > 0, row_sum, 1.0)
+    return jnp.where(row_sum > 0, row_max + jnp.log(safe), _NEG_INF)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward (FlashAttention-2): outer loop over key chunks, dQ accumulated in the loop carry.
+# ------------------------------------------------------------------------------------------------
+
+
+def attention_backward(
+    cfg: KernelConfig, mods: Mods, ops: Operands, out, row_max, row_sum, d_out, d_lse
+):
+    """Gradients ``dq, dk, dv`` (kernel layout, input dtype), ``dbias`` (its own shape) and the
+    gradient of the callbacks' ``data`` (float leaves; zeros elsewhere).
+
+    Rows are scaled by 1/sum: P = exp(s - max) / sum, so with dO' = dO / sum and D' = D / sum,
+    dV = P~^T dO', dP' = dO' V^T, dS = P~ * (dP' - D'), P~ = exp(s - max): exact for every row.
+    ``d_lse`` enters as ``D - d_lse`` (d lse / d s = P)."""
+    dims = cfg.dims
+    z, kh, g, d, e = dims.batch_size, dims.kv_heads, dims.groups, dims.qk_depth, dims.v_depth
+    cdt, q, k, v = _cast_inputs(cfg, ops)
+    inv_l = jnp.where(row_sum > 0, 1.0 / jnp.where(row_sum > 0, row_sum, 1.0), 0.0).astype(cdt)
+    d_out = d_out.astype(cdt)
+    delta = (d_out * out.astype(cdt)).sum(axis=-1)
+    if d_lse is not None:
+        delta = delta - jnp.nan_to_num(d_lse.astype(cdt), nan=0.0, posinf=0.0, neginf=0.0)
+    d_out_s = d_out * inv_l[..., None]
+    delta_s = delta * inv_l
+    query_bounds = _bounds_table(cfg, by_key=True)
+    data_grad_mask, data_zero = _data_grad_setup(ops.data)
+
+    def key_chunk(j, k0, kc, carry):
+        dq, dk, dv, dbias, ddata = carry
+        kj = lax.dynamic_slice_in_dim(k, k0, kc, axis=2)
+        vj = lax.dynamic_slice_in_dim(v, k0, kc, axis=2)
+
+        def query_chunk(i, q0, lc, state):
+            c = _Chunk(i, j, q0, lc, k0, kc)
+
+            def compute(state):
+                dq, dk_j, dv_j, dbias, ddata = state
+                qi = lax.dynamic_slice_in_dim(q, q0, lc, axis=2)
+                bias_s = _operand_slice(ops.bias, c)
+
+                def scores(qi, kj, bias_s, data_f):
+                    data = _data_merge(ops.data, data_f, data_grad_mask)
+                    return _scores(cfg, mods, ops, c, qi, kj, bias_s, data)
+
+                data_f = _data_split(ops.data, data_grad_mask)
+                s, vjp = jax.vjp(scores, qi, kj, bias_s, data_f)
+                m_i = lax.dynamic_slice_in_dim(row_max, q0, lc, axis=2)
+                do_i = lax.dynamic_slice_in_dim(d_out_s, q0, lc, axis=2)
+                dl_i = lax.dynamic_slice_in_dim(delta_s, q0, lc, axis=2)
+                p = jnp.exp(s - m_i[..., None])
+                pd = p
+                if cfg.dropout:
+                    drop = _dropout_scale(p.shape, cfg, ops.dropout_key, c, cdt)
+                    pd = p * drop
+                dv_j = dv_j + jnp.einsum("zklgs,zklge->zkse", pd, do_i, precision=mods.precision)
+                dp = jnp.einsum("zklge,zkse->zklgs", do_i, vj, precision=mods.precision)
+                if cfg.dropout:
+                    dp = dp * drop
+                ds = p * (dp - dl_i[..., None])
+                dqi, dkj, dbias_s, ddata_f = vjp(ds)
+                dq_i = lax.dynamic_slice_in_dim(dq, q0, lc, axis=2) + dqi
+                dq = lax.dynamic_update_slice_in_dim(dq, dq_i, q0, axis=2)
+                if dbias is not None:
+                    dbias = _add_operand_slice(dbias, dbias_s, c)
+                ddata = jax.tree.map(jnp.add, ddata, ddata_f)
+                return dq, dk_j + dkj, dv_j, dbias, ddata
+
+            nonempty = _pair_nonempty(ops, c)
+            if nonempty is None:
+                return compute(state)
+            return lax.cond(nonempty, compute, lambda st: st, state)
+
+        init = (dq, jnp.zeros((z, kh, kc, d), cdt), jnp.zeros((z, kh, kc, e), cdt), dbias, ddata)
+        lo, hi = _lookup(query_bounds, j)
+        dq, dk_j, dv_j, dbias, ddata = _chunk_loop(
+            dims.q_len, cfg.q_chunk, lo, hi, query_chunk, init
+        )
+        dk = lax.dynamic_update_slice_in_dim(dk, dk_j, k0, axis=2)
+        dv = lax.dynamic_update_slice_in_dim(dv, dv_j, k0, axis=2)
+        return dq, dk, dv, dbias, ddata
+
+    init = (
+        jnp.zeros((z, kh, dims.q_len, g, d), cdt),
+        jnp.zeros((z, kh, dims.kv_len, d), cdt),
+        jnp.zeros((z, kh, dims.kv_len, e), cdt),
+        None if ops.bias is None else jnp.zeros(ops.bias.shape, ops.bias.dtype),
+        data_zero,
+    )
+    dq, dk, dv, dbias, ddata = _chunk_loop(
+        dims.kv_len, cfg.k_chunk, 0, cfg.plan.num_k_chunks, key_chunk, init
+    )
+    dt = ops.q.dtype
+    return (
+        dq.astype(dt),
+        dk.astype(dt),
+        dv.astype(dt),
+        dbias,
+        _data_merge_grad(ops.data, ddata, data_grad_mask),
+    )
+
+
+def _add_operand_slice(full, part, c: _Chunk):
+    """``full[..., q-slice, k-slice] += part`` for a ``[Zb, Hb, Lb, Sb]`` operand."""
+    q0 = c.q0 if full.shape[2] > 1 else 0
+    k0 = c.k0 if full.shape[3] > 1 else 0
+    start = tuple(jnp.asarray(x, jnp.int32) for x in (0, 0, q0, k0))
+    cur = lax.dynamic_slice(full, start, part.shape)
+    return lax.dynamic_update_slice(full, cur + part.astype(full.dtype), start)
+
+
+# calc_fn_data: its float leaves are differentiated (a callback may read a bias from it); the
+# others (masks, indices) are passed through and get float0 cotangents.
+
+
+def _is_float(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _data_grad_setup(data):
+    mask = jax.tree.map(_is_float, data)
+    zero = jax.tree.map(
+        lambda x, f: jnp.zeros(jnp.shape(x), jnp.result_type(x)) if f else None, data, mask
+    )
+    return mask, zero
+
+
+def _data_split(data, mask):
+    return jax.tree.map(lambda x, f: x if f else None, data, mask)
+
+
+def _data_merge(data, data_f, mask):
+    return jax.tree.map(
+        lambda x, f, y: y if f else x, data, mask, data_f, is_leaf=lambda x: x is None
+    )
+
+
+def _data_merge_grad(data, ddata, mask):
+    def leaf(x, f, dx):
+        if f:
+            return dx
+        return np.zeros(jnp.shape(x), dtype=jax.dtypes.float0)
+
+    return jax.tree.map(leaf, data, mask, ddata, is_leaf=lambda x: x is None)
