@@ -2,19 +2,24 @@
 
 The rule (documented in the README):
 
-1. The working set of one step is a score chunk of ``Z * H * q_chunk * k_chunk`` elements of the
-   compute dtype, of which the backward keeps about three at once (scores/probabilities, dP, dS).
-   The budget for it is ``memory_budget / 4`` (default budget: 64 MiB, so 16 MiB of scores).
-2. Start from ``q_chunk = min(L, 1024)``, ``k_chunk = min(S, 1024)`` and halve the larger of the
-   two until the chunk fits, never below 16 (a budget smaller than that is reported).
-3. Even out the chunks: ``ceil(L / q_chunk)`` chunks of equal size (rounded up to a multiple of
+1. One step holds a score chunk of ``Z * H * q_chunk * k_chunk`` elements of the compute dtype;
+   the backward keeps about three at once (probabilities, dP, dS). The memory budget for it is
+   ``memory_budget / 4`` (default budget: 64 MiB).
+2. Speed wants the chunk near the cache: on a CPU about 2^19 elements (2 MiB of float32 scores,
+   the L2 of two cores), on an accelerator up to 2^24. The target is the smaller of the two.
+3. Start from ``k_chunk = min(S, 512)`` and ``q_chunk = min(L, 1024)``; halve ``q_chunk`` then
+   ``k_chunk`` until the chunk fits the target (never below 16); where queries are few (decoding)
+   grow ``k_chunk`` up to 4096 while it still fits.
+4. Even out the chunks: ``ceil(L / q_chunk)`` chunks of equal size (rounded up to a multiple of
    8 when that keeps the count) instead of a short tail, same for keys.
 
 Example::
 
     >>> from memory_efficient_attention._spec import Dims
     >>> choose_chunk_sizes(Dims((1,), 16384, 16384, 8, 8, 64, 64), "float32")
-    (1024, 512)
+    (128, 512)
+    >>> choose_chunk_sizes(Dims((), 1, 65536, 8, 8, 64, 64), "float32")
+    (1, 4096)
     >>> parse_memory("512MB"), parse_memory("1.5GiB"), parse_memory(4096)
     (512000000, 1610612736, 4096)
 """
@@ -30,7 +35,11 @@ __all__ = ["DEFAULT_MEMORY_BUDGET", "choose_chunk_sizes", "parse_memory"]
 
 DEFAULT_MEMORY_BUDGET = 64 * 2**20
 _MIN_CHUNK = 16
-_MAX_CHUNK = 1024
+_MAX_Q_CHUNK = 1024
+_START_K_CHUNK = 512
+_MAX_K_CHUNK = 4096
+_CPU_TARGET = 2**19
+_ACCELERATOR_TARGET = 2**24
 _UNITS = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -44,9 +53,7 @@ def parse_memory(budget: int | float | str | None) -> int | None:
     if budget is None:
         return None
     if isinstance(budget, bool):
-        raise AttentionInputError(
-            f"memory_budget must be bytes or a string like '512MB', got {budget!r}"
-        )
+        raise AttentionInputError(f"memory_budget must be bytes or a string like '512MB', got {budget!r}")
     if isinstance(budget, (int, float)):
         value = float(budget)
     else:
@@ -76,26 +83,28 @@ def choose_chunk_sizes(
     query_chunk_size: int | None = None,
     key_chunk_size: int | None = None,
     memory_budget: int | float | str | None = None,
+    device: str = "cpu",
 ) -> tuple[int, int]:
     """``(q_chunk, k_chunk)`` for a call of ``dims``; explicit sizes are returned unchanged
-    (clipped to the lengths, since a chunk never exceeds its axis)."""
+    (clipped to the lengths, since a chunk never exceeds its axis). ``device`` is ``"cpu"`` or
+    anything else for an accelerator."""
     q_chunk = check_chunk_size("query_chunk_size", query_chunk_size)
     k_chunk = check_chunk_size("key_chunk_size", key_chunk_size)
     budget = parse_memory(memory_budget) or DEFAULT_MEMORY_BUDGET
     itemsize = 8 if compute_dtype_name(dtype_name) == "float64" else 4
     rows = dims.batch_size * dims.q_heads
     max_elems = max(budget // 4 // itemsize, 1)
+    target = min(max_elems, _CPU_TARGET if device == "cpu" else _ACCELERATOR_TARGET)
 
     auto_q, auto_k = q_chunk is None, k_chunk is None
-    qc = min(dims.q_len, q_chunk or _MAX_CHUNK)
-    kc = min(dims.kv_len, k_chunk or _MAX_CHUNK)
-    while rows * qc * kc > max_elems:
-        if auto_k and (kc >= qc or not auto_q) and kc > _MIN_CHUNK:
-            kc = max(_MIN_CHUNK, kc // 2)
-        elif auto_q and qc > _MIN_CHUNK:
-            qc = max(_MIN_CHUNK, qc // 2)
-        else:
-            break
+    qc = min(dims.q_len, q_chunk or _MAX_Q_CHUNK)
+    kc = min(dims.kv_len, k_chunk or _START_K_CHUNK)
+    while auto_q and qc > _MIN_CHUNK and rows * qc * kc > target:
+        qc = max(_MIN_CHUNK, qc // 2)
+    while auto_k and kc > _MIN_CHUNK and rows * qc * kc > target:
+        kc = max(_MIN_CHUNK, kc // 2)
+    while auto_k and kc < min(dims.kv_len, _MAX_K_CHUNK) and rows * qc * kc * 2 <= target:
+        kc = min(dims.kv_len, kc * 2)
     if auto_q:
         qc = _even(dims.q_len, qc)
     if auto_k:

@@ -105,9 +105,11 @@ def make_config(
     mask_fill: str = "min",
     logits_soft_cap=None,
     dropout_rate: float = 0.0,
+    device: str = "cpu",
 ) -> KernelConfig:
     """Validate the framework-independent arguments of a call and build its ``KernelConfig``.
 
+    ``device`` is ``"cpu"`` or an accelerator's platform name (it steers the chunk sizes).
     The ``*_shape`` arguments are the shapes of the optional integer arrays (None if absent):
     lengths must have the batch shape ``B...``, segment ids ``[B..., L]`` / ``[B..., S]``.
     """
@@ -133,9 +135,7 @@ def make_config(
             "(for self-attention pass the same ids twice)"
         )
     if mask_mod is not None and not callable(mask_mod):
-        raise AttentionInputError(
-            f"mask_mod must be callable(b, h, q_idx, kv_idx), got {mask_mod!r}"
-        )
+        raise AttentionInputError(f"mask_mod must be callable(b, h, q_idx, kv_idx), got {mask_mod!r}")
     structure = StructuredMask(
         q_len=dims.q_len,
         kv_len=dims.kv_len,
@@ -147,9 +147,7 @@ def make_config(
         segments=q_segments_shape is not None,
         mask_mod=mask_mod is not None,
     )
-    q_chunk, k_chunk = choose_chunk_sizes(
-        dims, dtype, query_chunk_size, key_chunk_size, memory_budget
-    )
+    q_chunk, k_chunk = choose_chunk_sizes(dims, dtype, query_chunk_size, key_chunk_size, memory_budget)
     if mask_fill not in MASK_FILL:
         raise AttentionInputError(f"mask_fill must be one of {MASK_FILL}, got {mask_fill!r}")
     return KernelConfig(

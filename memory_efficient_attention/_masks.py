@@ -58,9 +58,7 @@ def alignment_offset(alignment: str, q_len: int, kv_len: int) -> int:
         return 0
     if alignment == "bottom_right":
         return kv_len - q_len
-    raise AttentionInputError(
-        f"causal_alignment must be 'top_left' or 'bottom_right', got {alignment!r}"
-    )
+    raise AttentionInputError(f"causal_alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
 
 
 def normalize_window(window: int | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -68,9 +66,7 @@ def normalize_window(window: int | tuple[int, int] | None) -> tuple[int, int] | 
     if window is None:
         return None
     if isinstance(window, bool):
-        raise AttentionInputError(
-            f"local_window_size must be an int or (left, right), got {window!r}"
-        )
+        raise AttentionInputError(f"local_window_size must be an int or (left, right), got {window!r}")
     if isinstance(window, int):
         window = (window, window)
     try:

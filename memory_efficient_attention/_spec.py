@@ -244,9 +244,7 @@ def check_chunk_size(name: str, value: int | None) -> int | None:
         try:
             value = int(value.__index__())  # type: ignore[union-attr]
         except (AttributeError, TypeError):
-            raise AttentionInputError(
-                f"{name} must be a positive int or None, got {value!r}"
-            ) from None
+            raise AttentionInputError(f"{name} must be a positive int or None, got {value!r}") from None
     if value <= 0:
         raise AttentionInputError(f"{name} must be a positive int or None, got {value}")
     return value

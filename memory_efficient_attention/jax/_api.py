@@ -111,6 +111,7 @@ def _attention(q5, k4, v4, dims: Dims, *, mask, bias, mask_fill, precision, quer
         mask_fill=mask_fill,
         logits_soft_cap=logits_soft_cap,
         dropout_rate=dropout_rate,
+        device=jax.default_backend(),
     )
     if score_mod is not None and not callable(score_mod):
         raise AttentionInputError(
@@ -303,9 +304,7 @@ def dot_product_attention(
     if mask is not None:
         mask = jnp.asarray(mask)
         if mask.dtype != jnp.bool_:
-            raise AttentionInputError(
-                f"mask must be a bool array (True takes part), got dtype {mask.dtype}"
-            )
+            raise AttentionInputError(f"mask must be a bool array (True takes part), got dtype {mask.dtype}")
         mask = ensure_4d(mask)
     if bias is not None:
         bias = ensure_4d(jnp.asarray(bias))

@@ -35,9 +35,7 @@ def _float0_like(x):
 def _bwd(cfg: KernelConfig, mods: Mods, residuals, cotangents):
     ops, out, row_max, row_sum = residuals
     d_out, d_lse = cotangents
-    dq, dk, dv, dbias, ddata = attention_backward(
-        cfg, mods, ops, out, row_max, row_sum, d_out, d_lse
-    )
+    dq, dk, dv, dbias, ddata = attention_backward(cfg, mods, ops, out, row_max, row_sum, d_out, d_lse)
     return (
         Operands(
             dq,

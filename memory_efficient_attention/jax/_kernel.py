@@ -40,9 +40,7 @@ class Mods(NamedTuple):
 
     @property
     def seed_callbacks(self) -> bool:
-        return any(
-            f is not None for f in (self.bias_calc_fn, self.mask_calc_fn, self.weights_calc_fn)
-        )
+        return any(f is not None for f in (self.bias_calc_fn, self.mask_calc_fn, self.weights_calc_fn))
 
 
 class Operands(NamedTuple):
@@ -377,9 +375,7 @@ def attention_forward(cfg: KernelConfig, mods: Mods, ops: Operands):
         jnp.zeros((z, kh, dims.q_len, g), cdt),
         jnp.zeros((z, kh, dims.q_len, g), cdt),
     )
-    out, row_max, row_sum = _chunk_loop(
-        dims.q_len, cfg.q_chunk, 0, cfg.plan.num_q_chunks, query_chunk, init
-    )
+    out, row_max, row_sum = _chunk_loop(dims.q_len, cfg.q_chunk, 0, cfg.plan.num_q_chunks, query_chunk, init)
     return out.astype(ops.q.dtype), row_max, row_sum
 
 
@@ -394,9 +390,7 @@ def log_sum_exp(row_max, row_sum):
 # ------------------------------------------------------------------------------------------------
 
 
-def attention_backward(
-    cfg: KernelConfig, mods: Mods, ops: Operands, out, row_max, row_sum, d_out, d_lse
-):
+def attention_backward(cfg: KernelConfig, mods: Mods, ops: Operands, out, row_max, row_sum, d_out, d_lse):
     """Gradients ``dq, dk, dv`` (kernel layout, input dtype), ``dbias`` (its own shape) and the
     gradient of the callbacks' ``data`` (float leaves; zeros elsewhere).
 
@@ -463,9 +457,7 @@ def attention_backward(
 
         init = (dq, jnp.zeros((z, kh, kc, d), cdt), jnp.zeros((z, kh, kc, e), cdt), dbias, ddata)
         lo, hi = _lookup(query_bounds, j)
-        dq, dk_j, dv_j, dbias, ddata = _chunk_loop(
-            dims.q_len, cfg.q_chunk, lo, hi, query_chunk, init
-        )
+        dq, dk_j, dv_j, dbias, ddata = _chunk_loop(dims.q_len, cfg.q_chunk, lo, hi, query_chunk, init)
         dk = lax.dynamic_update_slice_in_dim(dk, dk_j, k0, axis=2)
         dv = lax.dynamic_update_slice_in_dim(dv, dv_j, k0, axis=2)
         return dq, dk, dv, dbias, ddata
@@ -509,9 +501,7 @@ def _is_float(x) -> bool:
 
 def _data_grad_setup(data):
     mask = jax.tree.map(_is_float, data)
-    zero = jax.tree.map(
-        lambda x, f: jnp.zeros(jnp.shape(x), jnp.result_type(x)) if f else None, data, mask
-    )
+    zero = jax.tree.map(lambda x, f: jnp.zeros(jnp.shape(x), jnp.result_type(x)) if f else None, data, mask)
     return mask, zero
 
 
@@ -520,9 +510,7 @@ def _data_split(data, mask):
 
 
 def _data_merge(data, data_f, mask):
-    return jax.tree.map(
-        lambda x, f, y: y if f else x, data, mask, data_f, is_leaf=lambda x: x is None
-    )
+    return jax.tree.map(lambda x, f, y: y if f else x, data, mask, data_f, is_leaf=lambda x: x is None)
 
 
 def _data_merge_grad(data, ddata, mask):

@@ -36,14 +36,11 @@ def _check_qkv(query, key, value) -> None:
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    check_float_dtypes(
-        [(n, _dtype_name(t)) for n, t in (("query", query), ("key", key), ("value", value))]
-    )
+    check_float_dtypes([(n, _dtype_name(t)) for n, t in (("query", query), ("key", key), ("value", value))])
     devices = {t.device for t in (query, key, value)}
     if len(devices) > 1:
         raise AttentionInputError(
-            f"query, key and value must be on one device, got {query.device}, {key.device}, "
-            f"{value.device}"
+            f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
         )
 
 
@@ -51,9 +48,9 @@ def _operand(name: str, x, dims: Dims, like: torch.Tensor, *, boolean: bool) -> 
     """A mask/bias broadcastable to ``[B..., H, L, S]`` -> kernel shape ``[Zb, Hb, Lb, Sb]``."""
     if x is None:
         return None
-    x = torch.as_tensor(x, device=like.device)
-    if x.device != like.device:
+    if isinstance(x, torch.Tensor) and x.device != like.device:
         raise AttentionInputError(f"{name} is on {x.device} but query is on {like.device}")
+    x = torch.as_tensor(x, device=like.device)
     if boolean:
         if x.dtype != torch.bool:
             x = x != 0  # Flax's rule: any nonzero value keeps
@@ -124,6 +121,7 @@ def _attention(
         mask_fill=mask_fill,
         logits_soft_cap=logits_soft_cap,
         dropout_rate=dropout_rate,
+        device=q5.device.type,
     )
     if score_mod is not None and not callable(score_mod):
         raise AttentionInputError(
@@ -327,9 +325,7 @@ def scaled_dot_product_attention(
     mask = bias = None
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
-            raise TypeError(
-                f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}"
-            )
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
         if attn_mask.dtype == torch.bool:
             mask = attn_mask
         elif attn_mask.dtype != query.dtype:

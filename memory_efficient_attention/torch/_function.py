@@ -38,7 +38,7 @@ class ChunkedAttention(torch.autograd.Function):
         out, row_max, row_sum = attention_forward(cfg, mods, ops, seed)
         ctx.cfg, ctx.mods, ctx.seed = cfg, mods, seed
         ctx.save_for_backward(*ops, out, row_max, row_sum)
-        return out, log_sum_exp(row_max, row_sum)
+        return out, log_sum_exp(row_max, row_sum, mods)
 
     @staticmethod
     @once_differentiable
