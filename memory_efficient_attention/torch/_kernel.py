@@ -137,7 +137,11 @@ def _transform_scores(s, cfg: KernelConfig, mods: Mods, ops, c: _Chunk, bias_c, 
     s5 = s.view(dims.batch_size, dims.kv_heads, c.q1 - c.q0, dims.groups, c.k1 - c.k0)
     unit = _unit(mods)
     if cfg.softcap is not None:
-        s5.div_(cfg.softcap * unit).tanh_().mul_(cfg.softcap * unit)
+        cap = cfg.softcap * unit
+        if s.requires_grad:  # under autograd (user callables): keep tanh's output intact
+            s5.copy_(torch.tanh(s5 / cap) * cap)
+        else:
+            s5.div_(cap).tanh_().mul_(cap)
     if mods.seed_callbacks:
         s5, mask_c = _seed_callbacks(s5, cfg, mods, c, bias_c, mask_c)
     elif bias_c is not None:
