@@ -276,6 +276,12 @@ def _pairs(cfg: KernelConfig, nonempty, *, by_key: bool):
 # ------------------------------------------------------------------------------------------------
 
 
+def _is_plain(cfg: KernelConfig, mods: Mods, ops) -> bool:
+    """No bias, dense mask, soft cap or user callable: only partial blocks of the structured
+    masks need score work."""
+    return ops.bias is None and ops.mask is None and cfg.softcap is None and not mods.needs_autograd
+
+
 def attention_forward(cfg: KernelConfig, mods: Mods, ops, seed: int):
     """Returns ``out [Z, K, L, G, E]`` (input dtype), ``row_max``, ``row_sum`` ``[Z, K, L, G]``."""
     dims = cfg.dims
@@ -290,6 +296,8 @@ def attention_forward(cfg: KernelConfig, mods: Mods, ops, seed: int):
     nonempty = _pairs_nonempty(cfg, ops)
     unit = _unit(mods)
 
+    plain = _is_plain(cfg, mods, ops)
+    guard = not plain or cfg.structure.any
     for i, chunks in _pairs(cfg, nonempty, by_key=False):
         q0, q1 = cfg.plan.q_bounds(i)
         rows = (q1 - q0) * g
@@ -297,24 +305,32 @@ def attention_forward(cfg: KernelConfig, mods: Mods, ops, seed: int):
         m = torch.full((z * kh, rows, 1), _NEG_INF, dtype=cdt, device=dev)
         l = torch.zeros(z * kh, rows, 1, dtype=cdt, device=dev)
         acc = torch.zeros(z * kh, rows, e, dtype=cdt, device=dev)
-        for c in chunks:
+        for n, c in enumerate(chunks):
             kc = c.k1 - c.k0
             kj = k[:, :, c.k0 : c.k1].reshape(z * kh, kc, d)
             vj = v[:, :, c.k0 : c.k1].reshape(z * kh, kc, e)
             s = buf[: z * kh * rows * kc].view(z * kh, rows, kc)
             torch.baddbmm(s, qi, kj.transpose(1, 2), beta=0, alpha=cfg.scale * unit, out=s)
-            s = _transform_scores(
-                s, cfg, mods, ops, c, _operand_chunk(ops.bias, cfg, c.q0, c.q1, c.k0, c.k1),
-                _operand_chunk(ops.mask, cfg, c.q0, c.q1, c.k0, c.k1),
-            )  # fmt: skip
-            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-            m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0)
+            if not (plain and c.kind != PARTIAL):
+                s = _transform_scores(
+                    s, cfg, mods, ops, c, _operand_chunk(ops.bias, cfg, c.q0, c.q1, c.k0, c.k1),
+                    _operand_chunk(ops.mask, cfg, c.q0, c.q1, c.k0, c.k1),
+                )  # fmt: skip
+            m_chunk = s.amax(dim=-1, keepdim=True)
+            m_new = m_chunk if n == 0 else torch.maximum(m, m_chunk)
+            # Rows with no key so far have max -inf: shift by 0 instead (exp(-inf) = 0, no NaN).
+            m_safe = m_new if not guard else m_new.masked_fill(m_new == _NEG_INF, 0.0)
             p = _exp_(s.sub_(m_safe), unit)
-            alpha = _exp_(m - m_safe, unit)
-            l.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
+            p_sum = p.sum(dim=-1, keepdim=True)
             if cfg.dropout:
                 p = p.mul_(_dropout_scale(p.shape, cfg, seed, c, dev, cdt))
-            acc.mul_(alpha).baddbmm_(p, vj)
+            if n == 0:  # nothing to rescale yet
+                l.copy_(p_sum)
+                torch.bmm(p, vj, out=acc)
+            else:
+                alpha = _exp_(m - m_safe, unit)
+                l.mul_(alpha).add_(p_sum)
+                acc.mul_(alpha).baddbmm_(p, vj)
             m = m_new
         m_safe = m.masked_fill(m == _NEG_INF, 0.0)
         inv_l = torch.where(l > 0, l.reciprocal(), torch.zeros((), dtype=cdt, device=dev))
@@ -369,6 +385,7 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops, seed, out, row_max, r
     dp_buf = torch.empty(size, dtype=cdt, device=dev)
     nonempty = _pairs_nonempty(cfg, ops)
     unit = _unit(mods)
+    plain = _is_plain(cfg, mods, ops)
 
     for j, chunks in _pairs(cfg, nonempty, by_key=True):
         k0, k1 = cfg.plan.k_bounds(j)
@@ -391,7 +408,8 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops, seed, out, row_max, r
                 p = _exp_(s.detach().sub(row_max[:, r0:r1]), unit)
             else:
                 tanh = s.div(cfg.softcap * unit).tanh_() if cfg.softcap is not None else None
-                s = _transform_scores(s, cfg, mods, ops, c, bias_c, mask_c)
+                if not (plain and c.kind != PARTIAL):
+                    s = _transform_scores(s, cfg, mods, ops, c, bias_c, mask_c)
                 p = _exp_(s.sub_(row_max[:, r0:r1]), unit)
             pd = p
             if cfg.dropout:
