@@ -515,6 +515,8 @@ def _data_merge(data, data_f, mask):
 
 def _data_merge_grad(data, ddata, mask):
     def leaf(x, f, dx):
+        if x is None:
+            return None
         if f:
             return dx
         return np.zeros(jnp.shape(x), dtype=jax.dtypes.float0)

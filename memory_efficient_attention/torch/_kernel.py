@@ -76,7 +76,9 @@ def _operand_chunk(x: torch.Tensor | None, cfg: KernelConfig, q0, q1, k0, k1):
     if x is None:
         return None
     zb, hb, lb, sb = x.shape
-    x = x[:, :, q0 : q1 if lb > 1 else slice(None), k0 : k1 if sb > 1 else slice(None)]
+    rows = slice(q0, q1) if lb > 1 else slice(None)
+    cols = slice(k0, k1) if sb > 1 else slice(None)
+    x = x[:, :, rows, cols]
     kb, gb = (cfg.dims.kv_heads, cfg.dims.groups) if hb > 1 else (1, 1)
     return x.reshape(zb, kb, gb, x.shape[2], x.shape[3]).permute(0, 1, 3, 2, 4)
 
