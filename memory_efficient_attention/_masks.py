@@ -193,6 +193,25 @@ class BlockPlan:
         col = [i for i in range(self.num_q_chunks) if self.kinds[i][j] != EMPTY]
         return (col[0], col[-1] + 1) if col else (0, 0)
 
+    def pair_groups(self) -> list[tuple[tuple[int, int], tuple[tuple[int, int], ...]]]:
+        """The pairs to compute, grouped by chunk shape: ``[((lc, kc), ((i, j), ...)), ...]``.
+
+        At most four shapes (full or shorter last chunk, on each axis). Online softmax and the
+        gradient sums do not depend on the order of the pairs, so a kernel may run each group as
+        one loop of static length (JAX: a ``scan`` that every transform can differentiate).
+
+        >>> BlockPlan.build(StructuredMask(5, 5, causal=True), 2, 4).pair_groups()
+        [((2, 4), ((0, 0), (1, 0))), ((1, 4), ((2, 0),)), ((1, 1), ((2, 1),))]
+        """
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for i, row in enumerate(self.kinds):
+            q0, q1 = self.q_bounds(i)
+            for j, kind in enumerate(row):
+                if kind != EMPTY:
+                    k0, k1 = self.k_bounds(j)
+                    groups.setdefault((q1 - q0, k1 - k0), []).append((i, j))
+        return [(shape, tuple(pairs)) for shape, pairs in groups.items()]
+
     def count(self, kind: int) -> int:
         return sum(row.count(kind) for row in self.kinds)
 

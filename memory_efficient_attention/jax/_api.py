@@ -26,7 +26,9 @@ from .._spec import (
     seed_dims,
 )
 from ._function import chunked_attention
-from ._kernel import Mods, Operands
+from ._kernel import Mods, Operands, attention_forward, log_sum_exp
+
+AUTODIFF = ("vjp", "native")
 
 __all__ = ["dot_product_attention", "efficient_dot_product_attention"]
 
@@ -87,7 +89,7 @@ def _attention(q5, k4, v4, dims: Dims, *, mask, bias, mask_fill, precision, quer
                key_chunk_size, memory_budget, scale, is_causal, causal_alignment, local_window_size,
                query_seq_lengths, key_value_seq_lengths, query_segment_ids, key_segment_ids,
                score_mod, mask_mod, logits_soft_cap, dropout_rate, dropout_rng, calc_fns,
-               calc_fn_data):  # fmt: skip
+               calc_fn_data, autodiff="vjp"):  # fmt: skip
     """Validate the rest, build the config and run the kernel on kernel-layout q/k/v."""
     qlen = _int_array("query_seq_lengths", query_seq_lengths)
     kvlen = _int_array("key_value_seq_lengths", key_value_seq_lengths)
@@ -132,6 +134,11 @@ def _attention(q5, k4, v4, dims: Dims, *, mask, bias, mask_fill, precision, quer
         _dropout_key(dropout_rng) if cfg.dropout else None,
     )
     mods = Mods(score_mod, mask_mod, *calc_fns, precision)
+    if autodiff not in AUTODIFF:
+        raise AttentionInputError(f"autodiff must be one of {AUTODIFF}, got {autodiff!r}")
+    if autodiff == "native":  # JAX differentiates the chunked loops itself, in every mode
+        out, row_max, row_sum = attention_forward(cfg, mods, ops)
+        return out, log_sum_exp(row_max, row_sum)
     return chunked_attention(cfg, mods, ops)
 
 
@@ -164,6 +171,7 @@ def efficient_dot_product_attention(
     dropout_rng=None,
     return_lse: bool = False,
     memory_budget: int | str | None = None,
+    autodiff: str = "vjp",
 ):
     """Exact attention in O(n) memory, forward and backward (seed-compatible signature).
 
@@ -194,9 +202,15 @@ def efficient_dot_product_attention(
       return_lse: also return the log-sum-exp of each row, ``[B..., L, H]`` (float32; float64 for
         float64 inputs), ``-inf`` for a row with no key left. It is differentiable.
       memory_budget: bytes or a string like ``"512MB"`` for the automatic chunk sizes.
+      autodiff: ``"vjp"`` (default): a ``custom_vjp`` with the chunked FlashAttention-2 backward
+        (reverse mode in O(n) memory; ``grad`` of ``grad`` works too). JAX refuses forward mode
+        (``jvp``, ``jacfwd``, ``hessian``, ``linearize``) on any ``custom_vjp``, so
+        ``"native"`` lets JAX differentiate the chunked loops itself: forward mode then runs
+        chunk by chunk in O(n) memory, and every mode and order works, but reverse mode in this
+        setting stores each chunk's probabilities (memory like dense attention).
 
     Structured masks exclude keys: a query row with no key left outputs 0 with zero gradient.
-    Works under ``jit``, ``vmap`` and ``grad``.
+    Works under ``jit``, ``vmap``, ``grad`` (and ``grad`` of ``grad``).
 
     Returns:
       ``[B..., L, H, E]`` in the input dtype (and the lse with ``return_lse``).
@@ -229,6 +243,7 @@ def efficient_dot_product_attention(
         score_mod=score_mod, mask_mod=mask_mod, logits_soft_cap=logits_soft_cap,
         dropout_rate=dropout_rate, dropout_rng=dropout_rng,
         calc_fns=(bias_calc_fn, mask_calc_fn, weights_calc_fn), calc_fn_data=calc_fn_data,
+        autodiff=autodiff,
     )  # fmt: skip
     out = out.transpose(0, 2, 1, 3, 4).reshape(*dims.batch, dims.q_len, dims.q_heads, dims.v_depth)
     if not return_lse:

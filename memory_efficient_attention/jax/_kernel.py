@@ -6,10 +6,12 @@ Kernel layout (see ``memory_efficient_attention._spec``)::
     bias  [Zb, Hb, Lb, Sb]    mask (bool) likewise; each size 1 or full
     out   [Z, K, L, G, E]     row_max, row_sum  [Z, K, L, G]  (compute dtype)
 
-The same algorithm as ``memory_efficient_attention.torch._kernel``, with the same function names:
-loops are ``lax.fori_loop`` over full chunks plus one statically shaped step for a shorter last
-chunk (never padding, never clamping), bounded by the static block plan, so empty blocks are
-never visited; lengths and segments skip blocks at run time with ``lax.cond``. The backward
+The same algorithm as ``memory_efficient_attention.torch._kernel``, with the same function names.
+The loops run over the pairs the static block plan keeps (empty blocks are never visited), one
+``lax.scan`` of static length per chunk shape: a shorter last chunk has its own shape (never
+padding, never clamping), and static trip counts let every transform differentiate the loops.
+Per-row state lives in ``[Z, K, L, ...]`` buffers, so the order of the pairs does not matter.
+Lengths and segments skip blocks at run time with ``lax.cond``. The backward
 differentiates the chunk's score pipeline with ``jax.vjp`` (matmul, soft cap, bias, callbacks,
 mods and masks in one function), so every feature has its gradient from one definition.
 """
@@ -75,48 +77,42 @@ class _Chunk(NamedTuple):
 # ------------------------------------------------------------------------------------------------
 
 
-def _chunk_loop(total: int, size: int, lo, hi, body, carry):
-    """``body(index, start, static_size, carry)`` for chunks ``[lo, hi)`` of ``size`` over
-    ``total`` items: a ``fori_loop`` over the full chunks and one step for a shorter last chunk.
-    ``lo``/``hi`` may be traced (bounds of the block plan looked up with a traced index)."""
-    n_full, tail = divmod(total, size)
+def _pair_loop(cfg: KernelConfig, body, carry):
+    """``body(chunk, carry)`` for every pair the block plan keeps: one ``lax.scan`` of static
+    length per chunk shape (full chunks, shorter last chunks), so empty blocks are never visited
+    and every JAX transform (``grad`` of ``grad``, ``jvp``, ``vmap``) can go through the loops."""
+    for (lc, kc), pairs in cfg.plan.pair_groups():
 
-    def full(idx, c):
-        idx = jnp.asarray(idx, jnp.int32)
-        return body(idx, idx * size, size, c)
+        def step(carry, ij, lc=lc, kc=kc):
+            i, j = ij[0], ij[1]
+            return body(_Chunk(i, j, i * cfg.q_chunk, lc, j * cfg.k_chunk, kc), carry), None
 
-    if isinstance(lo, int) and isinstance(hi, int):
-        a, b = min(lo, n_full), min(hi, n_full)
-        if b > a:
-            carry = lax.fori_loop(a, b, full, carry)
-        if tail and lo <= n_full < hi:
-            carry = body(n_full, n_full * size, tail, carry)
-        return carry
-    lo, hi = jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
-    carry = lax.fori_loop(jnp.minimum(lo, n_full), jnp.minimum(hi, n_full), full, carry)
-    if tail:
-        carry = lax.cond(
-            (lo <= n_full) & (n_full < hi),
-            lambda c: body(n_full, n_full * size, tail, c),
-            lambda c: c,
-            carry,
-        )
+        carry, _ = lax.scan(step, carry, jnp.asarray(np.asarray(pairs, dtype=np.int32)))
     return carry
 
 
-def _bounds_table(cfg: KernelConfig, *, by_key: bool):
-    plan = cfg.plan
-    n = plan.num_k_chunks if by_key else plan.num_q_chunks
-    rows = [plan.query_chunks(o) if by_key else plan.key_chunks(o) for o in range(n)]
-    return np.asarray(rows, dtype=np.int32).reshape(n, 2)
+def _skip_or(ops: Operands, c: _Chunk, compute, carry):
+    """``compute(carry)``, or ``carry`` unchanged where lengths/segments empty the pair."""
+    nonempty = _pair_nonempty(ops, c)
+    if nonempty is None:
+        return compute(carry)
+    return lax.cond(nonempty, compute, lambda x: x, carry)
 
 
-def _lookup(table: np.ndarray, idx):
-    """``table[idx]`` for a Python int (static) or a traced index."""
-    if isinstance(idx, int):
-        return int(table[idx, 0]), int(table[idx, 1])
-    t = jnp.asarray(table)
-    return t[idx, 0], t[idx, 1]
+def _rows(x, c: _Chunk):
+    """The query rows of ``c`` from a ``[Z, K, L, ...]`` buffer."""
+    return lax.dynamic_slice_in_dim(x, c.q0, c.lc, axis=2)
+
+
+def _keys(x, c: _Chunk):
+    """The key rows of ``c`` from a ``[Z, K, S, ...]`` buffer."""
+    return lax.dynamic_slice_in_dim(x, c.k0, c.kc, axis=2)
+
+
+def _add_at(x, part, start, axis: int = 2):
+    """``x[..., start:start+n, ...] += part`` along ``axis``."""
+    cur = lax.dynamic_slice_in_dim(x, start, part.shape[axis], axis=axis)
+    return lax.dynamic_update_slice_in_dim(x, cur + part.astype(x.dtype), start, axis=axis)
 
 
 def _pair_nonempty(ops: Operands, c: _Chunk):
@@ -323,60 +319,46 @@ def _cast_inputs(cfg: KernelConfig, ops: Operands):
 
 
 def attention_forward(cfg: KernelConfig, mods: Mods, ops: Operands):
-    """Returns ``out [Z, K, L, G, E]`` (input dtype), ``row_max``, ``row_sum`` ``[Z, K, L, G]``."""
+    """Returns ``out [Z, K, L, G, E]`` (input dtype), ``row_max``, ``row_sum`` ``[Z, K, L, G]``.
+
+    The running max, sum and accumulator of every row live in ``[Z, K, L, ...]`` buffers; each
+    pair reads and writes back the rows of its query chunk."""
     dims = cfg.dims
     z, kh, g, e = dims.batch_size, dims.kv_heads, dims.groups, dims.v_depth
     cdt, q, k, v = _cast_inputs(cfg, ops)
-    key_bounds = _bounds_table(cfg, by_key=False)
 
-    def query_chunk(i, q0, lc, carry):
-        out, row_max, row_sum = carry
-        qi = lax.dynamic_slice_in_dim(q, q0, lc, axis=2)
+    def pair(c: _Chunk, state):
+        def compute(state):
+            m_all, l_all, acc_all = state
+            qi, kj, bias_s = _rows(q, c), _keys(k, c), _operand_slice(ops.bias, c)
+            s = _scores(cfg, mods, ops, c, qi, kj, bias_s, ops.data)
+            m, l, acc = _rows(m_all, c), _rows(l_all, c), _rows(acc_all, c)
+            # The running max only stabilises (the result does not depend on it).
+            m_new = lax.stop_gradient(jnp.maximum(m, s.max(axis=-1)))
+            m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new).astype(cdt)  # no key yet: no NaN
+            p = jnp.exp(s - m_safe[..., None])
+            alpha = jnp.exp(m - m_safe)
+            l = alpha * l + p.sum(axis=-1)
+            if cfg.dropout:
+                p = p * _dropout_scale(p.shape, cfg, ops.dropout_key, c, cdt)
+            acc = alpha[..., None] * acc + jnp.einsum(
+                "zklgs,zkse->zklge", p, _keys(v, c), precision=mods.precision
+            )
+            put = lax.dynamic_update_slice_in_dim
+            return put(m_all, m_new, c.q0, 2), put(l_all, l, c.q0, 2), put(acc_all, acc, c.q0, 2)
 
-        def key_chunk(j, k0, kc, state):
-            c = _Chunk(i, j, q0, lc, k0, kc)
-
-            def compute(state):
-                m, l, acc = state
-                kj = lax.dynamic_slice_in_dim(k, k0, kc, axis=2)
-                vj = lax.dynamic_slice_in_dim(v, k0, kc, axis=2)
-                s = _scores(cfg, mods, ops, c, qi, kj, _operand_slice(ops.bias, c), ops.data)
-                m_new = jnp.maximum(m, s.max(axis=-1))
-                m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new).astype(cdt)
-                p = jnp.exp(s - m_safe[..., None])
-                alpha = jnp.exp(m - m_safe)
-                l = alpha * l + p.sum(axis=-1)
-                if cfg.dropout:
-                    p = p * _dropout_scale(p.shape, cfg, ops.dropout_key, c, cdt)
-                pv = jnp.einsum("zklgs,zkse->zklge", p, vj, precision=mods.precision)
-                return m_new, l, alpha[..., None] * acc + pv
-
-            nonempty = _pair_nonempty(ops, c)
-            if nonempty is None:
-                return compute(state)
-            return lax.cond(nonempty, compute, lambda st: st, state)
-
-        init = (
-            jnp.full((z, kh, lc, g), _NEG_INF, cdt),
-            jnp.zeros((z, kh, lc, g), cdt),
-            jnp.zeros((z, kh, lc, g, e), cdt),
-        )
-        lo, hi = _lookup(key_bounds, i)
-        m, l, acc = _chunk_loop(dims.kv_len, cfg.k_chunk, lo, hi, key_chunk, init)
-        m_safe = jnp.where(m == _NEG_INF, 0.0, m).astype(cdt)
-        inv_l = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0).astype(cdt)
-        out = lax.dynamic_update_slice_in_dim(out, acc * inv_l[..., None], q0, axis=2)
-        row_max = lax.dynamic_update_slice_in_dim(row_max, m_safe, q0, axis=2)
-        row_sum = lax.dynamic_update_slice_in_dim(row_sum, l, q0, axis=2)
-        return out, row_max, row_sum
+        return _skip_or(ops, c, compute, state)
 
     init = (
+        jnp.full((z, kh, dims.q_len, g), _NEG_INF, cdt),
+        jnp.zeros((z, kh, dims.q_len, g), cdt),
         jnp.zeros((z, kh, dims.q_len, g, e), cdt),
-        jnp.zeros((z, kh, dims.q_len, g), cdt),
-        jnp.zeros((z, kh, dims.q_len, g), cdt),
     )
-    out, row_max, row_sum = _chunk_loop(dims.q_len, cfg.q_chunk, 0, cfg.plan.num_q_chunks, query_chunk, init)
-    return out.astype(ops.q.dtype), row_max, row_sum
+    m, l, acc = _pair_loop(cfg, pair, init)
+    m_safe = jnp.where(m == _NEG_INF, 0.0, m).astype(cdt)
+    kept = l > 0
+    out = acc / jnp.where(kept, l, 1.0)[..., None] * kept[..., None]
+    return out.astype(ops.q.dtype), m_safe, l
 
 
 def log_sum_exp(row_max, row_sum):
@@ -407,60 +389,37 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops: Operands, out, row_ma
         delta = delta - jnp.nan_to_num(d_lse.astype(cdt), nan=0.0, posinf=0.0, neginf=0.0)
     d_out_s = d_out * inv_l[..., None]
     delta_s = delta * inv_l
-    query_bounds = _bounds_table(cfg, by_key=True)
     data_grad_mask, data_zero = _data_grad_setup(ops.data)
 
-    def key_chunk(j, k0, kc, carry):
-        dq, dk, dv, dbias, ddata = carry
-        kj = lax.dynamic_slice_in_dim(k, k0, kc, axis=2)
-        vj = lax.dynamic_slice_in_dim(v, k0, kc, axis=2)
+    def pair(c: _Chunk, carry):
+        def compute(carry):
+            dq, dk, dv, dbias, ddata = carry
+            qi, kj, vj = _rows(q, c), _keys(k, c), _keys(v, c)
 
-        def query_chunk(i, q0, lc, state):
-            c = _Chunk(i, j, q0, lc, k0, kc)
+            def scores(qi, kj, bias_s, data_f):
+                data = _data_merge(ops.data, data_f, data_grad_mask)
+                return _scores(cfg, mods, ops, c, qi, kj, bias_s, data)
 
-            def compute(state):
-                dq, dk_j, dv_j, dbias, ddata = state
-                qi = lax.dynamic_slice_in_dim(q, q0, lc, axis=2)
-                bias_s = _operand_slice(ops.bias, c)
+            bias_s, data_f = _operand_slice(ops.bias, c), _data_split(ops.data, data_grad_mask)
+            s, vjp = jax.vjp(scores, qi, kj, bias_s, data_f)
+            do_i, dl_i = _rows(d_out_s, c), _rows(delta_s, c)
+            p = jnp.exp(s - _rows(row_max, c)[..., None])
+            pd = p
+            if cfg.dropout:
+                drop = _dropout_scale(p.shape, cfg, ops.dropout_key, c, cdt)
+                pd = p * drop
+            dv_j = jnp.einsum("zklgs,zklge->zkse", pd, do_i, precision=mods.precision)
+            dp = jnp.einsum("zklge,zkse->zklgs", do_i, vj, precision=mods.precision)
+            if cfg.dropout:
+                dp = dp * drop
+            ds = p * (dp - dl_i[..., None])
+            dqi, dkj, dbias_s, ddata_f = vjp(ds)
+            if dbias is not None:
+                dbias = _add_operand_slice(dbias, dbias_s, c)
+            ddata = jax.tree.map(jnp.add, ddata, ddata_f)
+            return _add_at(dq, dqi, c.q0), _add_at(dk, dkj, c.k0), _add_at(dv, dv_j, c.k0), dbias, ddata
 
-                def scores(qi, kj, bias_s, data_f):
-                    data = _data_merge(ops.data, data_f, data_grad_mask)
-                    return _scores(cfg, mods, ops, c, qi, kj, bias_s, data)
-
-                data_f = _data_split(ops.data, data_grad_mask)
-                s, vjp = jax.vjp(scores, qi, kj, bias_s, data_f)
-                m_i = lax.dynamic_slice_in_dim(row_max, q0, lc, axis=2)
-                do_i = lax.dynamic_slice_in_dim(d_out_s, q0, lc, axis=2)
-                dl_i = lax.dynamic_slice_in_dim(delta_s, q0, lc, axis=2)
-                p = jnp.exp(s - m_i[..., None])
-                pd = p
-                if cfg.dropout:
-                    drop = _dropout_scale(p.shape, cfg, ops.dropout_key, c, cdt)
-                    pd = p * drop
-                dv_j = dv_j + jnp.einsum("zklgs,zklge->zkse", pd, do_i, precision=mods.precision)
-                dp = jnp.einsum("zklge,zkse->zklgs", do_i, vj, precision=mods.precision)
-                if cfg.dropout:
-                    dp = dp * drop
-                ds = p * (dp - dl_i[..., None])
-                dqi, dkj, dbias_s, ddata_f = vjp(ds)
-                dq_i = lax.dynamic_slice_in_dim(dq, q0, lc, axis=2) + dqi
-                dq = lax.dynamic_update_slice_in_dim(dq, dq_i, q0, axis=2)
-                if dbias is not None:
-                    dbias = _add_operand_slice(dbias, dbias_s, c)
-                ddata = jax.tree.map(jnp.add, ddata, ddata_f)
-                return dq, dk_j + dkj, dv_j, dbias, ddata
-
-            nonempty = _pair_nonempty(ops, c)
-            if nonempty is None:
-                return compute(state)
-            return lax.cond(nonempty, compute, lambda st: st, state)
-
-        init = (dq, jnp.zeros((z, kh, kc, d), cdt), jnp.zeros((z, kh, kc, e), cdt), dbias, ddata)
-        lo, hi = _lookup(query_bounds, j)
-        dq, dk_j, dv_j, dbias, ddata = _chunk_loop(dims.q_len, cfg.q_chunk, lo, hi, query_chunk, init)
-        dk = lax.dynamic_update_slice_in_dim(dk, dk_j, k0, axis=2)
-        dv = lax.dynamic_update_slice_in_dim(dv, dv_j, k0, axis=2)
-        return dq, dk, dv, dbias, ddata
+        return _skip_or(ops, c, compute, carry)
 
     init = (
         jnp.zeros((z, kh, dims.q_len, g, d), cdt),
@@ -469,17 +428,10 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops: Operands, out, row_ma
         None if ops.bias is None else jnp.zeros(ops.bias.shape, ops.bias.dtype),
         data_zero,
     )
-    dq, dk, dv, dbias, ddata = _chunk_loop(
-        dims.kv_len, cfg.k_chunk, 0, cfg.plan.num_k_chunks, key_chunk, init
-    )
+    dq, dk, dv, dbias, ddata = _pair_loop(cfg, pair, init)
     dt = ops.q.dtype
-    return (
-        dq.astype(dt),
-        dk.astype(dt),
-        dv.astype(dt),
-        dbias,
-        _data_merge_grad(ops.data, ddata, data_grad_mask),
-    )
+    ddata = _data_merge_grad(ops.data, ddata, data_grad_mask)
+    return dq.astype(dt), dk.astype(dt), dv.astype(dt), dbias, ddata
 
 
 def _add_operand_slice(full, part, c: _Chunk):
