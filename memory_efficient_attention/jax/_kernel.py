@@ -91,6 +91,27 @@ def _pair_loop(cfg: KernelConfig, body, carry):
     return carry
 
 
+def _varying_like(carry, *refs):
+    """Inside ``jax.shard_map`` the loop carries must vary over the same mesh axes as the inputs
+    (``check_vma``): mark freshly made zeros so. Outside it, or on older JAX, nothing happens."""
+    axes = set()
+    for ref in refs:
+        try:
+            axes |= set(jax.typeof(ref).manual_axis_type.varying)
+        except AttributeError:
+            pass
+    if not axes:
+        return carry
+    axes = tuple(sorted(axes))
+
+    def cast(x):
+        have = set(jax.typeof(x).manual_axis_type.varying)
+        missing = tuple(a for a in axes if a not in have)
+        return lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(cast, carry)
+
+
 def _skip_or(ops: Operands, c: _Chunk, compute, carry):
     """``compute(carry)``, or ``carry`` unchanged where lengths/segments empty the pair."""
     nonempty = _pair_nonempty(ops, c)
@@ -354,7 +375,7 @@ def attention_forward(cfg: KernelConfig, mods: Mods, ops: Operands):
         jnp.zeros((z, kh, dims.q_len, g), cdt),
         jnp.zeros((z, kh, dims.q_len, g, e), cdt),
     )
-    m, l, acc = _pair_loop(cfg, pair, init)
+    m, l, acc = _pair_loop(cfg, pair, _varying_like(init, q, k, v))
     m_safe = jnp.where(m == _NEG_INF, 0.0, m).astype(cdt)
     kept = l > 0
     out = acc / jnp.where(kept, l, 1.0)[..., None] * kept[..., None]
@@ -428,7 +449,7 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops: Operands, out, row_ma
         None if ops.bias is None else jnp.zeros(ops.bias.shape, ops.bias.dtype),
         data_zero,
     )
-    dq, dk, dv, dbias, ddata = _pair_loop(cfg, pair, init)
+    dq, dk, dv, dbias, ddata = _pair_loop(cfg, pair, _varying_like(init, q, k, v, d_out))
     dt = ops.q.dtype
     ddata = _data_merge_grad(ops.data, ddata, data_grad_mask)
     return dq.astype(dt), dk.astype(dt), dv.astype(dt), dbias, ddata

@@ -1,0 +1,345 @@
+"""Ring attention on ``torch.distributed``: each rank holds a shard of the sequence; key/value
+shards travel around the ring of ranks with point-to-point messages (``batch_isend_irecv``: gloo
+on CPU, NCCL on CUDA) while each rank runs the chunked kernel on the block it holds, so the next
+shard's transfer overlaps the current block's compute and memory per rank stays O(local length).
+
+Shape legend (``memory_efficient_attention._spec``): ``B...`` batch dims, ``L`` local query
+length, ``S`` local key/value length, ``H`` query heads, ``K`` key/value heads (``H % K == 0``),
+``D`` query/key depth, ``E`` value depth, ``W`` the group's size; ``N = W * L`` a global length.
+
+Forward: partial results ``(out, lse)`` of each ring step merge through the log-sum-exp. Backward
+(one ``autograd.Function``, so every rank runs its messages in the same fixed order): each step
+recomputes its block's gradients from the saved *global* ``out`` and ``lse``, accumulates ``dQ``
+locally and sends the ``dK``/``dV`` accumulators around the ring, one hop behind K/V; after
+``W`` hops they are back at their owner. Only ``q, k, v, out, lse`` are saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from .._config import KernelConfig, make_config
+from .._spec import AttentionInputError, Dims, check_float_dtypes, seed_dims
+from ..torch._function import Operands
+from ..torch._kernel import Mods, _unit, attention_backward, attention_forward, log_sum_exp
+from ._plan import Block, check_layout, step_block, zigzag_permutation
+
+__all__ = ["from_zigzag", "ring_attention", "to_zigzag"]
+
+_NEG_INF = float("-inf")
+_KV_TAG, _GRAD_TAG = 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ring:
+    """One ring call: the group, this rank's neighbours and the static configuration."""
+
+    group: dist.ProcessGroup | None
+    rank: int  # position in the group
+    world: int
+    dims: Dims  # local shapes
+    dtype: str
+    is_causal: bool
+    layout: str
+    scale: float | None
+    query_chunk_size: int | None
+    key_chunk_size: int | None
+
+    def peer(self, offset: int) -> int:
+        """The global rank ``offset`` places further along the ring."""
+        index = (self.rank + offset) % self.world
+        return index if self.group is None else dist.get_global_rank(self.group, index)
+
+    def block(self, step: int) -> Block | None:
+        """The block of ring step ``step`` (keys from the rank ``step`` places back)."""
+        source = (self.rank - step) % self.world
+        relation = "same" if step == 0 else ("before" if source < self.rank else "after")
+        d = self.dims
+        return step_block(self.layout, relation, d.q_len, d.kv_len, is_causal=self.is_causal)
+
+    def config(self, blk: Block, device: torch.device) -> KernelConfig:
+        return make_config(
+            dataclasses.replace(self.dims, q_len=blk.q_len, kv_len=blk.kv_len),
+            self.dtype,
+            scale=self.scale,
+            query_chunk_size=self.query_chunk_size,
+            key_chunk_size=self.key_chunk_size,
+            memory_budget=None,
+            is_causal=blk.causal,
+            causal_alignment="top_left",
+            local_window_size=None,
+            q_lengths_shape=None,
+            kv_lengths_shape=None,
+            q_segments_shape=None,
+            kv_segments_shape=None,
+            mask_mod=None,
+            device=device.type,
+        )
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == "float64" else torch.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# Messages: one flat buffer per hop (K and V, or dK and dV), sent to the next rank while the
+# previous rank's arrives.
+# ------------------------------------------------------------------------------------------------
+
+
+def _pack(*tensors: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _unpack(flat: torch.Tensor, *likes: torch.Tensor) -> list[torch.Tensor]:
+    out, start = [], 0
+    for t in likes:
+        out.append(flat[start : start + t.numel()].view(t.shape))
+        start += t.numel()
+    return out
+
+
+def _start_shift(ring: _Ring, send: torch.Tensor, tag: int):
+    """Start sending ``send`` to the next rank and receiving its twin from the previous one:
+    returns ``(receive buffer, works)``; wait on the works before reading the buffer."""
+    recv = torch.empty_like(send)
+    ops = [
+        dist.P2POp(dist.irecv, recv, ring.peer(-1), ring.group, tag),
+        dist.P2POp(dist.isend, send, ring.peer(1), ring.group, tag),
+    ]
+    return recv, dist.batch_isend_irecv(ops)
+
+
+def _wait(works) -> None:
+    for work in works:
+        work.wait()
+
+
+# ------------------------------------------------------------------------------------------------
+# One block, in the kernel layout: q [Z, K, L, G, D], k [Z, K, S, D], v [Z, K, S, E],
+# out [Z, K, L, G, E], lse [Z, K, L, G] (compute dtype).
+# ------------------------------------------------------------------------------------------------
+
+
+def _merge_block(ring: _Ring, blk: Block, out, lse, q, k, v) -> None:
+    """Attend the block's rows to its keys and merge the result into ``(out, lse)`` in place,
+    through the log-sum-exp (rows empty on both sides stay ``(0, -inf)``: no ``-inf - -inf``)."""
+    mods = Mods()
+    ops = Operands(q[:, :, blk.q0 : blk.q1], k[:, :, blk.k0 : blk.k1], v[:, :, blk.k0 : blk.k1])
+    o_b, row_max, row_sum = attention_forward(ring.config(blk, q.device), mods, ops, 0)
+    lse_b = log_sum_exp(row_max, row_sum, mods)
+    o_acc, l_acc = out[:, :, blk.q0 : blk.q1], lse[:, :, blk.q0 : blk.q1]
+    m = torch.maximum(l_acc, lse_b)
+    m = m.masked_fill(m == _NEG_INF, 0.0)
+    new = m + ((l_acc - m).exp() + (lse_b - m).exp()).log()
+    new_safe = new.masked_fill(new == _NEG_INF, 0.0)
+    w_acc, w_b = (l_acc - new_safe).exp(), (lse_b - new_safe).exp()
+    o_acc.mul_(w_acc.unsqueeze(-1)).add_(o_b.to(o_acc.dtype) * w_b.unsqueeze(-1))
+    l_acc.copy_(new)
+
+
+def _block_grads(ring: _Ring, blk: Block, q, k, v, out, lse, d_out):
+    """``(dq, dk, dv)`` of the block's rows and keys, given the *global* out and lse.
+
+    The kernel's backward recomputes ``P = exp(S - row_max) / row_sum``; with the global lse as
+    ``row_max`` (in the kernel's units) and 1 as ``row_sum`` that is the block's share of the global
+    softmax, so its gradients are exact parts of the global ones (``delta = rowsum(dO * O)`` uses
+    the global output). Rows with no key at all get ``row_sum = 0``: zero gradient."""
+    mods = Mods()
+    rows, keys = slice(blk.q0, blk.q1), slice(blk.k0, blk.k1)
+    lse_r = lse[:, :, rows]
+    has_keys = lse_r > _NEG_INF
+    row_max = torch.where(has_keys, lse_r * _unit(mods), torch.zeros((), dtype=lse.dtype))
+    row_sum = has_keys.to(lse.dtype)
+    ops = Operands(q[:, :, rows], k[:, :, keys], v[:, :, keys])
+    dq, dk, dv, _ = attention_backward(
+        ring.config(blk, q.device), mods, ops, 0, out[:, :, rows], row_max, row_sum,
+        d_out[:, :, rows], None, False,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------
+# The ring
+# ------------------------------------------------------------------------------------------------
+
+
+def _ring_forward(ring: _Ring, q, k, v):
+    cdt = ring.compute_dtype
+    out = torch.zeros(*q.shape[:-1], ring.dims.v_depth, dtype=cdt, device=q.device)
+    lse = torch.full(q.shape[:-1], _NEG_INF, dtype=cdt, device=q.device)
+    kv = _pack(k, v)
+    for step in range(ring.world):
+        last = step == ring.world - 1
+        if not last:
+            kv_next, works = _start_shift(ring, kv, _KV_TAG)
+        blk = ring.block(step)
+        if blk is not None:
+            k_s, v_s = _unpack(kv, k, v)
+            _merge_block(ring, blk, out, lse, q, k_s, v_s)
+        if not last:
+            _wait(works)
+            kv = kv_next
+    return out.to(q.dtype), lse
+
+
+def _ring_backward(ring: _Ring, q, k, v, out, lse, d_out):
+    cdt = ring.compute_dtype
+    dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
+    dkv = torch.zeros(k.numel() + v.numel(), dtype=cdt, device=q.device)  # travels with kv
+    kv = _pack(k, v)
+    grad_hop = None  # (buffer, works) of the accumulator in flight
+    for step in range(ring.world):
+        last = step == ring.world - 1
+        if not last:
+            kv_next, kv_works = _start_shift(ring, kv, _KV_TAG)
+        blk = ring.block(step)
+        grads = None
+        if blk is not None:
+            k_s, v_s = _unpack(kv, k, v)
+            grads = _block_grads(ring, blk, q, k_s, v_s, out, lse, d_out)
+        if grad_hop is not None:  # the accumulator of this step's shard, sent one step ago
+            dkv, works = grad_hop
+            _wait(works)
+        if grads is not None:
+            dq[:, :, blk.q0 : blk.q1] += grads[0]
+            dk_acc, dv_acc = _unpack(dkv, k, v)
+            dk_acc[:, :, blk.k0 : blk.k1] += grads[1]
+            dv_acc[:, :, blk.k0 : blk.k1] += grads[2]
+        if ring.world > 1:  # dK/dV follow their shard, overlapping the next step's compute
+            grad_hop = _start_shift(ring, dkv, _GRAD_TAG)
+        if not last:
+            _wait(kv_works)
+            kv = kv_next
+    if grad_hop is not None:  # after W hops the accumulator is home
+        dkv, works = grad_hop
+        _wait(works)
+    dk, dv = _unpack(dkv, k, v)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    """``out = ring_attention(q, k, v)`` in the kernel layout; saves ``q, k, v, out, lse``."""
+
+    @staticmethod
+    def forward(ctx, ring: _Ring, q, k, v):
+        out, lse = _ring_forward(ring, q, k, v)
+        ctx.ring = ring
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (None, *_ring_backward(ctx.ring, q, k, v, out, lse, d_out.contiguous()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Public functions
+# ------------------------------------------------------------------------------------------------
+
+
+def ring_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    is_causal: bool = False,
+    layout: str = "contiguous",
+    scale: float | None = None,
+    query_chunk_size: int | None = None,
+    key_chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Exact attention over a sequence sharded across the ranks of ``group``; every rank calls
+    it with its own shard, in the same order (it sends and receives point-to-point messages).
+
+    Args:
+      query: this rank's shard ``[B..., L, H, D]``.
+      key: this rank's shard ``[B..., S, K, D]``; ``K`` divides ``H`` (grouped-query attention).
+      value: this rank's shard ``[B..., S, K, E]``.
+      group: the process group forming the ring, in group-rank order (default: the world).
+      is_causal: global top-left causal mask (query and key/value sharded alike, ``L == S``).
+      layout: ``"contiguous"`` (rank ``r`` holds positions ``[r*L, (r+1)*L)``) or ``"zigzag"``
+        (the sequence in ``2W`` chunks; rank ``r`` holds chunks ``r`` and ``2W-1-r``: causal work
+        is balanced). Convert with ``to_zigzag`` / ``from_zigzag``.
+      scale: score scale, default ``1/sqrt(D)``.
+      query_chunk_size, key_chunk_size: the kernel's chunk sizes inside each rank's block.
+
+    Returns:
+      this rank's shard of the output, ``[B..., L, H, E]``. Differentiable (first order) in
+      query, key and value; the backward also runs the ring, so every rank must call it.
+
+    Example (a ring of one rank here; under ``torchrun --nproc-per-node W`` each rank passes
+    its shard, e.g. ``x.chunk(W, dim=-3)[rank]`` of a global ``x``)::
+
+        >>> import torch, torch.distributed as dist
+        >>> from memory_efficient_attention.distributed.torch import ring_attention
+        >>> # under torchrun: dist.init_process_group("gloo") (or "nccl")
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> q, k, v = torch.randn(3, 2, 64, 4, 16).unbind(0)
+        >>> out = ring_attention(q, k, v, is_causal=True)
+        >>> ref = torch.nn.functional.scaled_dot_product_attention(
+        ...     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        >>> bool(torch.allclose(out, ref.transpose(1, 2), atol=1e-5))
+        True
+        >>> dist.destroy_process_group()
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    names = ("query", "key", "value")
+    dtype = check_float_dtypes(
+        [(n, str(t.dtype).removeprefix("torch.")) for n, t in zip(names, (query, key, value))]
+    )
+    dims = seed_dims(query.shape, key.shape, value.shape)
+    if not dist.is_available() or not dist.is_initialized():
+        raise AttentionInputError(
+            "ring_attention needs torch.distributed: call torch.distributed.init_process_group "
+            "(torchrun sets up its environment) before it"
+        )
+    world = dist.get_world_size(group)
+    check_layout(layout, is_causal=is_causal, q_len=dims.q_len, kv_len=dims.kv_len, world=world)
+    ring = _Ring(
+        group, dist.get_rank(group), world, dims, dtype, is_causal, layout, scale,
+        query_chunk_size, key_chunk_size,
+    )  # fmt: skip
+    z, kh, g = dims.batch_size, dims.kv_heads, dims.groups
+    q5 = query.reshape(z, dims.q_len, kh, g, dims.qk_depth).permute(0, 2, 1, 3, 4).contiguous()
+    k4 = key.reshape(z, dims.kv_len, kh, dims.qk_depth).transpose(1, 2).contiguous()
+    v4 = value.reshape(z, dims.kv_len, kh, dims.v_depth).transpose(1, 2).contiguous()
+    out = _RingAttention.apply(ring, q5, k4, v4)
+    return out.permute(0, 2, 1, 3, 4).reshape(*dims.batch, dims.q_len, dims.q_heads, dims.v_depth)
+
+
+def to_zigzag(x: torch.Tensor, world: int, *, dim: int = -3) -> torch.Tensor:
+    """Reorder the sequence dim (default ``-3``: ``[B..., N, H, D]``) from natural order to the
+    zigzag layout for ``world`` ranks; rank ``r`` then takes ``x.chunk(world, dim)[r]``.
+
+    Example::
+
+        >>> import torch
+        >>> to_zigzag(torch.arange(8), 2, dim=0).tolist()
+        [0, 1, 6, 7, 2, 3, 4, 5]
+    """
+    idx = torch.as_tensor(zigzag_permutation(x.shape[dim], world), device=x.device)
+    return x.index_select(dim, idx)
+
+
+def from_zigzag(x: torch.Tensor, world: int, *, dim: int = -3) -> torch.Tensor:
+    """Inverse of ``to_zigzag``.
+
+    Example::
+
+        >>> import torch
+        >>> x = torch.arange(12)
+        >>> bool((from_zigzag(to_zigzag(x, 3, dim=0), 3, dim=0) == x).all())
+        True
+    """
+    idx = torch.as_tensor(zigzag_permutation(x.shape[dim], world).argsort(), device=x.device)
+    return x.index_select(dim, idx)

@@ -1,0 +1,150 @@
+"""PyTorch ring attention: one spawned group of gloo ranks runs every subtest in float64; each rank
+compares its shard of the output and of the gradients with the single-process kernel on the global
+arrays and reports the errors back through a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from memory_efficient_attention import AttentionInputError  # noqa: E402
+
+WORLD = 3
+TOL = 1e-10  # float64
+
+# (name, is_causal, layout, local query length, local key/value length, chunk size). Local lengths
+# are not multiples of the chunk size; zigzag needs them even.
+SUBTESTS = [
+    ("full-contiguous", False, "contiguous", 6, 6, 4),
+    ("full-cross", False, "contiguous", 6, 5, 4),
+    ("full-zigzag", False, "zigzag", 6, 6, 4),
+    ("causal-contiguous", True, "contiguous", 6, 6, 4),
+    ("causal-zigzag", True, "zigzag", 6, 6, 4),
+    ("causal-zigzag-one-chunk", True, "zigzag", 10, 10, 16),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _subtest(rank: int, world: int, is_causal: bool, layout: str, lq: int, lk: int, chunk: int):
+    """Max abs errors of this rank's shards of ``out, dq, dk, dv`` against the single process."""
+    from memory_efficient_attention.distributed.torch import from_zigzag, ring_attention, to_zigzag
+    from memory_efficient_attention.torch import efficient_dot_product_attention
+
+    gen = torch.Generator().manual_seed(1234)  # the same global arrays on every rank
+    shape = dict(dtype=torch.float64, generator=gen)
+    q = torch.randn(2, world * lq, 4, 8, **shape)  # [B, N, H, D]; GQA: 2 key/value heads
+    k = torch.randn(2, world * lk, 2, 8, **shape)
+    v = torch.randn(2, world * lk, 2, 6, **shape)
+    d_out = torch.randn(2, world * lq, 4, 6, **shape)
+
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    ref = efficient_dot_product_attention(*leaves, is_causal=is_causal)
+    ref_grads = torch.autograd.grad(ref, leaves, d_out)
+
+    def shard(x):
+        x = to_zigzag(x, world) if layout == "zigzag" else x
+        return x.chunk(world, dim=-3)[rank]
+
+    local = [shard(x).clone().requires_grad_(True) for x in (q, k, v)]
+    out = ring_attention(
+        *local, is_causal=is_causal, layout=layout, query_chunk_size=chunk, key_chunk_size=chunk
+    )
+    grads = torch.autograd.grad(out, local, shard(d_out))
+    errors = [(out - shard(ref)).abs().max().item()]
+    errors += [(g - shard(r)).abs().max().item() for g, r in zip(grads, ref_grads)]
+    if layout == "zigzag":  # the helpers invert each other
+        errors.append((from_zigzag(to_zigzag(q, world), world) - q).abs().max().item())
+    return errors
+
+
+def _worker(rank: int, world: int, port: int, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = {}
+    try:
+        for name, *args in SUBTESTS:
+            try:
+                results[name] = _subtest(rank, world, *args)
+            except Exception as err:  # reported to the parent, which fails the test
+                results[name] = f"{type(err).__name__}: {err}"
+                raise
+        # A subgroup of two ranks forms its own ring (the others skip it, as collectives require).
+        sub = dist.new_group([0, 1])
+        if rank in (0, 1):
+            from memory_efficient_attention.distributed.torch import ring_attention
+
+            gen = torch.Generator().manual_seed(7)
+            q, k, v = torch.randn(3, 1, 8, 2, 4, dtype=torch.float64, generator=gen).unbind(0)
+            out = ring_attention(q.chunk(2, 1)[rank], k.chunk(2, 1)[rank], v.chunk(2, 1)[rank], group=sub)
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            ).transpose(1, 2)
+            results["subgroup"] = [(out - ref.chunk(2, 1)[rank]).abs().max().item()]
+        dist.barrier()
+    finally:
+        with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ring_results(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("ring"))
+    ctx = mp.start_processes(
+        _worker, args=(WORLD, _free_port(), folder), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the gloo ranks did not finish in 240 s (a hang in the ring?)")
+    results = []
+    for rank in range(WORLD):
+        with open(os.path.join(folder, f"rank{rank}.json")) as f:
+            results.append(json.load(f))
+    return results
+
+
+@pytest.mark.parametrize("name", [s[0] for s in SUBTESTS] + ["subgroup"])
+def test_ring_matches_single_process(ring_results, name):
+    ranks = (0, 1) if name == "subgroup" else range(WORLD)
+    for rank in ranks:
+        errors = ring_results[rank][name]
+        assert not isinstance(errors, str), f"rank {rank}: {errors}"
+        assert max(errors) < TOL, f"rank {rank}: max errors (out, dq, dk, dv) {errors}"
+
+
+def test_needs_an_initialised_process_group():
+    from memory_efficient_attention.distributed.torch import ring_attention
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    q = torch.zeros(1, 4, 2, 8)
+    with pytest.raises(AttentionInputError, match="init_process_group"):
+        ring_attention(q, q, q)
+
+
+def test_zigzag_helpers_round_trip():
+    from memory_efficient_attention.distributed.torch import from_zigzag, to_zigzag
+
+    x = torch.arange(2 * 24 * 3).reshape(2, 24, 3, 1)
+    z = to_zigzag(x, 3)
+    assert z[:, :4].equal(x[:, :4]) and z[:, 4:8].equal(x[:, 20:24])  # rank 0: chunks 0 and 5
+    assert from_zigzag(z, 3).equal(x)
+    with pytest.raises(AttentionInputError, match="multiple of 6"):
+        to_zigzag(torch.zeros(1, 10, 1, 1), 3)
