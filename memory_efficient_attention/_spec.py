@@ -239,7 +239,9 @@ def resolve_scale(scale: float | None, depth: int) -> float:
 def check_chunk_size(name: str, value: int | None) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool):
+        raise AttentionInputError(f"{name} must be a positive int or None, got {value!r}")
+    if not isinstance(value, int):
         # numpy integers are fine: accept anything that indexes like an int
         try:
             value = int(value.__index__())  # type: ignore[union-attr]

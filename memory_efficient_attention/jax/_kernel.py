@@ -299,6 +299,9 @@ def _seed_callbacks(s, cfg: KernelConfig, mods: Mods, c: _Chunk, bias_s, mask_s,
         w = w.reshape(dims.batch_size, c.lc, dims.kv_heads, dims.groups, c.kc)
         return w.transpose(0, 2, 1, 3, 4)
 
+    # The seed's offsets were JAX's default integer (int64 with x64): callbacks mix them with ints.
+    index = jax.dtypes.canonicalize_dtype(jnp.int64)
+    c = c._replace(q0=jnp.asarray(c.q0, index), k0=jnp.asarray(c.k0, index))
     bias_c = _operand_chunk(bias_s, cfg)
     if mods.bias_calc_fn is not None:
         bias = mods.bias_calc_fn(c.q0, c.k0, _chunk_to_seed(bias_s, cfg), seed_weights(s), data)

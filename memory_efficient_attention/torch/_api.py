@@ -97,6 +97,7 @@ def _attention(
     dropout_rate,
     generator,
     mods: Mods,
+    operand_names: tuple[str, str] = ("mask", "bias"),
 ):
     """Validate the rest, build the config and run the kernel on kernel-layout q/k/v."""
     qlen = _int_array("query_seq_lengths", query_seq_lengths, q5)
@@ -133,8 +134,8 @@ def _attention(
         q5,
         k4,
         v4,
-        _operand("bias", bias, dims, q5, boolean=False),
-        _operand("mask", mask, dims, q5, boolean=True),
+        _operand(operand_names[1], bias, dims, q5, boolean=False),
+        _operand(operand_names[0], mask, dims, q5, boolean=True),
         None if qlen is None else qlen.reshape(z),
         None if kvlen is None else kvlen.reshape(z),
         None if qseg is None else qseg.reshape(z, dims.q_len),
@@ -363,5 +364,6 @@ def scaled_dot_product_attention(
         dropout_rate=dropout_p,
         generator=None,
         mods=Mods(),
+        operand_names=("attn_mask", "attn_mask"),
     )
     return out.transpose(2, 3).reshape(*dims.batch, dims.q_heads, dims.q_len, dims.v_depth)

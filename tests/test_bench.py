@@ -1,0 +1,190 @@
+"""Tests of the benchmark command: the pure parts, and one end-to-end run on a tiny size."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from memory_efficient_attention.bench import cli, paper, report
+from memory_efficient_attention.bench.cases import (
+    IMPLS,
+    Case,
+    Shape,
+    dense_bytes,
+    format_bytes,
+    select_impls,
+    skip_reason,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _args(*argv: str):
+    return cli.build_parser().parse_args(["bench", *argv])
+
+
+def test_importing_the_bench_imports_no_framework():
+    code = (
+        "import sys, memory_efficient_attention.bench.cli, memory_efficient_attention.bench.run, "
+        "memory_efficient_attention.bench.report, memory_efficient_attention.bench.paper, "
+        "memory_efficient_attention.bench.memory_demo, memory_efficient_attention.__main__; "
+        "print(sorted(m for m in ('torch', 'jax') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_parse_lengths_accepts_powers_and_sorts():
+    assert cli.parse_lengths("4096, 2^10,1024,2**8") == [256, 1024, 4096]
+    with pytest.raises(Exception, match="not a length"):
+        cli.parse_lengths("abc")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("4GiB", 4 * 2**30), ("512MB", 512 * 10**6), ("1.5G", int(1.5 * 2**30)), ("100", 100)],
+)
+def test_parse_size(text, expected):
+    assert cli.parse_size(text) == expected
+
+
+def test_default_config():
+    config = cli.config_from_args(_args("--device", "cpu"))
+    assert config.lengths == cli.parse_lengths(cli.DEFAULT_LENGTHS)
+    assert config.heads == 8 and config.depth == 64 and config.batch == 1
+    assert config.dtype == "float32" and config.modes == ["forward", "backward"]
+    assert config.impls == list(IMPLS)
+    assert config.max_dense_bytes == 4 * 2**30
+
+
+def test_paper_config_and_overrides():
+    config = cli.config_from_args(_args("--paper", "--device", "cpu"))
+    assert config.heads == 1 and config.lengths == [256, 1024, 4096, 16384, 65536]
+    assert config.impls == paper.PAPER_IMPLS
+    long = cli.config_from_args(_args("--paper", "--long", "--frameworks", "torch"))
+    assert long.lengths[-1] == 2**18 and long.impls == ["ours-torch", "plain-torch"]
+    custom = cli.config_from_args(_args("--impls", "sdpa,ours-jax", "--heads", "2", "--causal"))
+    assert custom.impls == ["ours-jax", "sdpa"] and custom.heads == 2 and custom.causal
+
+
+def test_bad_arguments_exit_with_usage():
+    with pytest.raises(SystemExit):
+        _args("--impls", "flash")
+    with pytest.raises(SystemExit):
+        _args("--modes", "sideways")
+    with pytest.raises(ValueError, match="unknown implementation"):
+        select_impls(["torch"], ["nope"])
+
+
+def test_dense_estimate_and_skip():
+    shape = Shape(n=16384, heads=8)
+    assert dense_bytes(shape, "forward") == 8 * 16384**2 * 4 == 8 * 2**30
+    assert dense_bytes(shape, "backward") == 3 * 8 * 2**30
+    why = skip_reason(Case("plain-torch", shape, "forward"), max_dense_bytes=4 * 2**30,
+                      seed_available=True)  # fmt: skip
+    assert why is not None and "would need 8 GiB" in why
+    assert skip_reason(Case("ours-torch", shape, "forward"), max_dense_bytes=0,
+                       seed_available=True) is None  # fmt: skip
+    small = Shape(n=1024, heads=1)
+    assert skip_reason(Case("xla", small, "backward"), max_dense_bytes=2**30,
+                       seed_available=True) is None  # fmt: skip
+
+
+def test_seed_is_only_given_inputs_it_handles():
+    def why(n, causal=False, available=True):
+        case = Case("seed-torch", Shape(n=n, causal=causal), "forward")
+        return skip_reason(case, max_dense_bytes=2**40, seed_available=available, install_hint="x")
+
+    assert why(1024) is None
+    assert "not supported" in why(1000)
+    assert "not supported" in why(1024, causal=True)
+    assert why(1024, available=False).startswith("not available")
+
+
+def test_format_bytes_and_seconds():
+    assert format_bytes(None) == "-"
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(1536) == "1.5 KiB"
+    assert format_bytes(3 * 2**30) == "3 GiB"
+    assert format_bytes(-2 * 2**20) == "-2 MiB"
+    assert report.format_seconds(0.0123) == "12.3 ms"
+    assert report.format_seconds(2.5) == "2.5 s"
+    assert report.format_seconds(5e-6) == "5 µs"
+
+
+def _record(impl, n, mode, median=None, peak=None, status="ran", reason=None, error=None):
+    timing = None if median is None else {"median_s": median, "ratio_to_sdpa": median / 0.01}
+    memory = None if peak is None else {"peak_added_bytes": peak, "overhead_bytes": peak // 2}
+    if error:
+        timing = memory = {"error": error}
+    return {"impl": impl, "framework": IMPLS[impl].framework, "n": n, "mode": mode,
+            "io_bytes": 4096, "status": status, "reason": reason, "time": timing,
+            "memory": memory}  # fmt: skip
+
+
+RECORDS = [
+    _record("sdpa", 1024, "forward", 0.01, 2**20),
+    _record("ours-torch", 1024, "forward", 0.02, 3 * 2**20),
+    _record("plain-torch", 1024, "forward", status="skipped", reason="would need 9 GiB"),
+    _record("ours-jax", 1024, "forward", error="ImportError: missing"),
+    _record("sdpa", 1024, "backward", 0.03, 2**21),
+]
+
+
+def test_table_formatting():
+    text = report.format_table(RECORDS, "B=1")
+    assert text.count("forward (inference) - B=1") == 1 and "forward + backward" in text
+    line = next(row for row in text.splitlines() if "ours-torch" in row)
+    assert "20 ms" in line and "2.00" in line and "3 MiB" in line
+    assert "would need 9 GiB" in text
+    assert text.count("ImportError: missing") == 1  # same error for time and memory: said once
+
+
+def test_paper_tables_put_ours_next_to_the_paper():
+    records = [
+        _record("ours-torch", 2**14, "forward", 0.5, 20 * 2**20),
+        _record("plain-torch", 2**14, "forward", 0.4, 2**30),
+        _record("plain-torch", 2**16, "forward", status="skipped", reason="would need 16 GiB"),
+    ]
+    text = paper.format_paper_tables(records, [2**14, 2**16], ["ours-torch", "plain-torch"])
+    assert "memory-efficient overhead (paper)" in text and "17MB" in text and "OOM" in text
+    assert "too big" in text and "-20%" in text  # 0.4 / 0.5 - 1
+
+
+def test_json_schema(tmp_path):
+    machine = report.describe_machine("cpu")
+    for key in ("cpu_model", "cpu_count", "memory_total_bytes", "versions", "date", "command"):
+        assert key in machine
+    report.write_json(tmp_path / "b.json", {"machine": machine, "results": RECORDS})
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["schema"] == report.SCHEMA
+    assert {r["impl"] for r in data["results"]} == {"sdpa", "ours-torch", "plain-torch", "ours-jax"}
+
+
+def test_cli_end_to_end_tiny(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("psutil")
+    pytest.importorskip("tqdm")
+    impls = ["ours-torch", "sdpa", "plain-torch"]
+    command = [
+        sys.executable, "-m", "memory_efficient_attention", "bench", "--lengths", "64",
+        "--repeats", "1", "--frameworks", "torch", "--impls", ",".join(impls), "--modes", "forward",
+        "--device", "cpu", "--out", str(tmp_path), "--no-progress",
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["schema"] == report.SCHEMA
+    assert data["machine"]["versions"]["torch"]
+    assert [r["impl"] for r in data["results"]] == impls
+    for record in data["results"]:
+        assert record["time"]["median_s"] > 0, record
+        assert "peak_added_bytes" in record["memory"], record
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    for impl in impls:
+        assert impl in proc.stdout
