@@ -281,5 +281,6 @@ def main(argv: list[str] | None = None) -> int:
         return run_memory_check(
             n=args.n, heads=args.heads, depth=args.depth, dtype=args.dtype, device=args.device,
             limit_mib=args.limit_mib, timeout_s=args.timeout, dense=not args.no_dense,
+            causal=args.causal,
         )  # fmt: skip
     return run_bench(args)

@@ -31,6 +31,7 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit-mib", type=float, default=256.0, help="pass mark for ours")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per subprocess")
     parser.add_argument("--no-dense", action="store_true", help="measure only ours")
+    parser.add_argument("--causal", action="store_true", help="causal (top-left) attention")
 
 
 def run_memory_check(
@@ -42,12 +43,14 @@ def run_memory_check(
     limit_mib: float = 256.0,
     timeout_s: float = 300.0,
     dense: bool = True,
+    causal: bool = False,
 ) -> int:
     """Measure and print; return the exit status (0 when all of ours are under the limit)."""
-    shape = Shape(n=n, batch=1, heads=heads, depth=depth, dtype=dtype)
+    shape = Shape(n=n, batch=1, heads=heads, depth=depth, dtype=dtype, causal=causal)
     logits = shape.heads * n * n * 4
     print(
-        f"forward + backward, n={n}, heads={heads}, depth={depth}, {dtype}, {device}; "
+        f"forward + backward{', causal' if causal else ''}, n={n}, heads={heads}, depth={depth}, "
+        f"{dtype}, {device}; "
         f"dense logits alone: {format_bytes(logits)}; pass mark for ours: {limit_mib:g} MiB"
     )
     status = 0

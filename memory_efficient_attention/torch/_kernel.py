@@ -303,10 +303,13 @@ def attention_forward(cfg: KernelConfig, mods: Mods, ops, seed: int):
     for i, chunks in _pairs(cfg, nonempty, by_key=False):
         q0, q1 = cfg.plan.q_bounds(i)
         rows = (q1 - q0) * g
+        if not chunks:  # every key excluded: output 0, lse -inf
+            out[:, :, q0:q1] = 0.0
+            continue
         qi = q[:, :, q0:q1].reshape(z * kh, rows, d)
-        m = torch.full((z * kh, rows, 1), _NEG_INF, dtype=cdt, device=dev)
-        l = torch.zeros(z * kh, rows, 1, dtype=cdt, device=dev)
-        acc = torch.zeros(z * kh, rows, e, dtype=cdt, device=dev)
+        m = None  # set by the first key chunk, which also overwrites l and acc
+        l = torch.empty(z * kh, rows, 1, dtype=cdt, device=dev)
+        acc = torch.empty(z * kh, rows, e, dtype=cdt, device=dev)
         for n, c in enumerate(chunks):
             kc = c.k1 - c.k0
             kj = k[:, :, c.k0 : c.k1].reshape(z * kh, kc, d)
