@@ -106,6 +106,7 @@ def make_config(
     logits_soft_cap=None,
     dropout_rate: float = 0.0,
     device: str = "cpu",
+    kernel: str = "torch",
 ) -> KernelConfig:
     """Validate the framework-independent arguments of a call and build its ``KernelConfig``.
 
@@ -147,7 +148,9 @@ def make_config(
         segments=q_segments_shape is not None,
         mask_mod=mask_mod is not None,
     )
-    q_chunk, k_chunk = choose_chunk_sizes(dims, dtype, query_chunk_size, key_chunk_size, memory_budget)
+    q_chunk, k_chunk = choose_chunk_sizes(
+        dims, dtype, query_chunk_size, key_chunk_size, memory_budget, device, kernel
+    )
     if mask_fill not in MASK_FILL:
         raise AttentionInputError(f"mask_fill must be one of {MASK_FILL}, got {mask_fill!r}")
     return KernelConfig(
