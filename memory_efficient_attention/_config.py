@@ -106,7 +106,6 @@ def make_config(
     logits_soft_cap=None,
     dropout_rate: float = 0.0,
     device: str = "cpu",
-    kernel: str = "torch",
 ) -> KernelConfig:
     """Validate the framework-independent arguments of a call and build its ``KernelConfig``.
 
@@ -149,7 +148,7 @@ def make_config(
         mask_mod=mask_mod is not None,
     )
     q_chunk, k_chunk = choose_chunk_sizes(
-        dims, dtype, query_chunk_size, key_chunk_size, memory_budget, device, kernel
+        dims, dtype, query_chunk_size, key_chunk_size, memory_budget, device
     )
     if mask_fill not in MASK_FILL:
         raise AttentionInputError(f"mask_fill must be one of {MASK_FILL}, got {mask_fill!r}")

@@ -114,7 +114,6 @@ def _attention(q5, k4, v4, dims: Dims, *, mask, bias, mask_fill, precision, quer
         logits_soft_cap=logits_soft_cap,
         dropout_rate=dropout_rate,
         device=jax.default_backend(),
-        kernel="jax",
     )
     if score_mod is not None and not callable(score_mod):
         raise AttentionInputError(
