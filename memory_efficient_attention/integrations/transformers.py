@@ -48,7 +48,6 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .._spec import heads_first_dims
 from ..torch._api import _attention, _check_qkv
-from ..torch._kernel import Mods
 
 __all__ = ["StructuredAttentionMask", "attention_forward", "register", "structured_mask"]
 
@@ -296,25 +295,12 @@ def attention_forward(
         mask=mask,
         bias=bias,
         mask_fill="exclude",
-        query_chunk_size=None,
-        key_chunk_size=None,
-        memory_budget=None,
         scale=scaling,
-        is_causal=False,
-        causal_alignment="top_left",
-        local_window_size=None,
-        query_seq_lengths=None,
-        key_value_seq_lengths=None,
-        query_segment_ids=None,
-        key_segment_ids=None,
-        score_mod=None,
-        mask_mod=None,
         logits_soft_cap=softcap,
         dropout_rate=float(dropout) if training else 0.0,
-        generator=None,
     )
     kernel_args.update(structure)
-    out, _ = _attention(q5, k4, v4, dims, mods=Mods(), **kernel_args)  # [B, K, L, G, E]
+    out, _ = _attention(q5, k4, v4, dims, **kernel_args)  # [B, K, L, G, E]
     return out.permute(0, 2, 1, 3, 4).reshape(B, L, dims.q_heads, dims.v_depth), None
 
 

@@ -85,11 +85,13 @@ def _dropout_key(rng):
     return rng
 
 
-def _attention(q5, k4, v4, dims: Dims, *, mask, bias, mask_fill, precision, query_chunk_size,
-               key_chunk_size, memory_budget, scale, is_causal, causal_alignment, local_window_size,
-               query_seq_lengths, key_value_seq_lengths, query_segment_ids, key_segment_ids,
-               score_mod, mask_mod, logits_soft_cap, dropout_rate, dropout_rng, calc_fns,
-               calc_fn_data, autodiff="vjp"):  # fmt: skip
+def _attention(q5, k4, v4, dims: Dims, *, mask=None, bias=None, mask_fill="min", precision=None,
+               query_chunk_size=None, key_chunk_size=None, memory_budget=None, scale=None,
+               is_causal=False, causal_alignment="top_left", local_window_size=None,
+               query_seq_lengths=None, key_value_seq_lengths=None, query_segment_ids=None,
+               key_segment_ids=None, score_mod=None, mask_mod=None, logits_soft_cap=None,
+               dropout_rate=0.0, dropout_rng=None, calc_fns=(None, None, None), calc_fn_data=None,
+               autodiff="vjp"):  # fmt: skip
     """Validate the rest, build the config and run the kernel on kernel-layout q/k/v."""
     qlen = _int_array("query_seq_lengths", query_seq_lengths)
     kvlen = _int_array("key_value_seq_lengths", key_value_seq_lengths)
@@ -329,13 +331,9 @@ def dot_product_attention(
     k4 = key.transpose(0, 2, 1, 3)
     v4 = value.transpose(0, 2, 1, 3)
     out, lse = _attention(
-        q5, k4, v4, dims, mask=mask, bias=bias, mask_fill="exclude", precision=None,
-        query_chunk_size=None, key_chunk_size=None, memory_budget=None, scale=scale,
-        is_causal=is_causal, causal_alignment="top_left", local_window_size=local_window_size,
+        q5, k4, v4, dims, mask=mask, bias=bias, mask_fill="exclude", scale=scale,
+        is_causal=is_causal, local_window_size=local_window_size,
         query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-        query_segment_ids=None, key_segment_ids=None, score_mod=None, mask_mod=None,
-        logits_soft_cap=None, dropout_rate=0.0, dropout_rng=None, calc_fns=(None, None, None),
-        calc_fn_data=None,
     )  # fmt: skip
     # jax's rule for rows with no key left: every logit is the same finite number, so the row
     # averages all values (and its lse is that number + log S).

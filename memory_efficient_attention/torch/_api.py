@@ -77,26 +77,26 @@ def _attention(
     v4: torch.Tensor,
     dims: Dims,
     *,
-    mask,
-    bias,
-    mask_fill: str,
-    query_chunk_size,
-    key_chunk_size,
-    memory_budget,
-    scale,
-    is_causal,
-    causal_alignment,
-    local_window_size,
-    query_seq_lengths,
-    key_value_seq_lengths,
-    query_segment_ids,
-    key_segment_ids,
-    score_mod,
-    mask_mod,
-    logits_soft_cap,
-    dropout_rate,
-    generator,
-    mods: Mods,
+    mask=None,
+    bias=None,
+    mask_fill: str = "min",
+    query_chunk_size=None,
+    key_chunk_size=None,
+    memory_budget=None,
+    scale=None,
+    is_causal=False,
+    causal_alignment="top_left",
+    local_window_size=None,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    query_segment_ids=None,
+    key_segment_ids=None,
+    score_mod=None,
+    mask_mod=None,
+    logits_soft_cap=None,
+    dropout_rate=0.0,
+    generator=None,
+    mods: Mods | None = None,
     operand_names: tuple[str, str] = ("mask", "bias"),
 ):
     """Validate the rest, build the config and run the kernel on kernel-layout q/k/v."""
@@ -128,6 +128,7 @@ def _attention(
         raise AttentionInputError(
             f"score_mod must be callable(score, b, h, q_idx, kv_idx), got {score_mod!r}"
         )
+    mods = mods or Mods()
     mods.score_mod, mods.mask_mod = score_mod, mask_mod
     z = dims.batch_size
     ops = Operands(
@@ -237,9 +238,9 @@ def efficient_dot_product_attention(
     _check_qkv(query, key, value)
     dims = seed_dims(query.shape, key.shape, value.shape)
     z, kh, g = dims.batch_size, dims.kv_heads, dims.groups
-    q5 = query.reshape(z, dims.q_len, kh, g, dims.qk_depth).permute(0, 2, 1, 3, 4).contiguous()
-    k4 = key.reshape(z, dims.kv_len, kh, dims.qk_depth).transpose(1, 2).contiguous()
-    v4 = value.reshape(z, dims.kv_len, kh, dims.v_depth).transpose(1, 2).contiguous()
+    q5 = query.reshape(z, dims.q_len, kh, g, dims.qk_depth).permute(0, 2, 1, 3, 4)
+    k4 = key.reshape(z, dims.kv_len, kh, dims.qk_depth).transpose(1, 2)
+    v4 = value.reshape(z, dims.kv_len, kh, dims.v_depth).transpose(1, 2)
     out, lse = _attention(
         q5,
         k4,
@@ -336,34 +337,11 @@ def scaled_dot_product_attention(
         else:
             bias = attn_mask
     z, kh, g = dims.batch_size, dims.kv_heads, dims.groups
-    q5 = query.reshape(z, kh, g, dims.q_len, dims.qk_depth).transpose(2, 3).contiguous()
-    k4 = key.reshape(z, kh, dims.kv_len, dims.qk_depth).contiguous()
-    v4 = value.reshape(z, kh, dims.kv_len, dims.v_depth).contiguous()
+    q5 = query.reshape(z, kh, g, dims.q_len, dims.qk_depth).transpose(2, 3)
+    k4 = key.reshape(z, kh, dims.kv_len, dims.qk_depth)
+    v4 = value.reshape(z, kh, dims.kv_len, dims.v_depth)
     out, _ = _attention(
-        q5,
-        k4,
-        v4,
-        dims,
-        mask=mask,
-        bias=bias,
-        mask_fill="exclude",
-        query_chunk_size=None,
-        key_chunk_size=None,
-        memory_budget=None,
-        scale=scale,
-        is_causal=is_causal,
-        causal_alignment="top_left",
-        local_window_size=None,
-        query_seq_lengths=None,
-        key_value_seq_lengths=None,
-        query_segment_ids=None,
-        key_segment_ids=None,
-        score_mod=None,
-        mask_mod=None,
-        logits_soft_cap=None,
-        dropout_rate=dropout_p,
-        generator=None,
-        mods=Mods(),
-        operand_names=("attn_mask", "attn_mask"),
-    )
+        q5, k4, v4, dims, mask=mask, bias=bias, mask_fill="exclude", scale=scale,
+        is_causal=is_causal, dropout_rate=dropout_p, operand_names=("attn_mask", "attn_mask"),
+    )  # fmt: skip
     return out.transpose(2, 3).reshape(*dims.batch, dims.q_heads, dims.q_len, dims.v_depth)

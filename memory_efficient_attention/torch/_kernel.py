@@ -374,11 +374,11 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops, seed, out, row_max, r
     # dV = P~^T dO', dP' = dO' V^T, dS = P~ * (dP' - D'), P~ = exp(s - max): exact for every row.
     inv_l = torch.where(row_sum > 0, row_sum.reciprocal(), torch.zeros((), dtype=cdt, device=dev))
     d_out_c = d_out.to(cdt)
-    delta = (d_out_c * out.to(cdt)).sum(dim=-1)
+    delta = torch.linalg.vecdot(d_out_c, out.to(cdt))  # rowsum(dO * O) without an n x E temporary
     if d_lse is not None:
         delta = delta - torch.nan_to_num(d_lse.to(cdt), nan=0.0, posinf=0.0, neginf=0.0)
-    d_out_s = (d_out_c * inv_l.unsqueeze(-1)).reshape(z * kh, dims.q_len * g, e)
-    delta_s = (delta * inv_l).reshape(z * kh, dims.q_len * g, 1)
+    inv_l = inv_l.reshape(z * kh, dims.q_len * g, 1)
+    delta_s = delta.reshape(z * kh, dims.q_len * g, 1) * inv_l
     row_max = row_max.reshape(z * kh, dims.q_len * g, 1)
 
     dq = torch.zeros(z, kh, dims.q_len, g, d, dtype=cdt, device=dev)
@@ -420,9 +420,11 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops, seed, out, row_max, r
             if cfg.dropout:
                 drop = _dropout_scale(p.shape, cfg, seed, c, dev, cdt)
                 pd = p * drop
-            dv_j.baddbmm_(pd.transpose(1, 2), d_out_s[:, r0:r1])
+            # dO' = dO / sum for this chunk's rows (made per pair: no second copy of dO is kept)
+            d_out_s = d_out_c[:, :, c.q0 : c.q1].reshape(z * kh, rows, e) * inv_l[:, r0:r1]
+            dv_j.baddbmm_(pd.transpose(1, 2), d_out_s)
             dp = dp_buf[: z * kh * rows * kc].view(z * kh, rows, kc)
-            torch.bmm(d_out_s[:, r0:r1], vj.transpose(1, 2), out=dp)
+            torch.bmm(d_out_s, vj.transpose(1, 2), out=dp)
             if cfg.dropout:
                 dp.mul_(drop)
             ds = dp.sub_(delta_s[:, r0:r1]).mul_(p)
