@@ -13,7 +13,10 @@ The rule (documented in the README):
 3. Start from ``k_chunk = min(S, 512)`` and ``q_chunk = min(L, 1024)``; halve ``q_chunk`` then
    ``k_chunk`` until the chunk fits the target (never below 16); where queries are few (decoding)
    grow ``k_chunk`` up to 4096 while it still fits.
-4. Even out the chunks: ``ceil(L / q_chunk)`` chunks of equal size (rounded up to a multiple of
+4. A local window of ``band = left + right + 1`` keys caps both chunks at ``max(64, band // 2)``:
+   coarser chunks would compute mostly-empty blocks along the band (measured at n = 8192, window
+   (256, 256): 0.20x the unmasked time with 512-chunks, 0.11x with 256-chunks).
+5. Even out the chunks: ``ceil(L / q_chunk)`` chunks of equal size (rounded up to a multiple of
    8 when that keeps the count) instead of a short tail, same for keys.
 
 Example::
@@ -89,10 +92,11 @@ def choose_chunk_sizes(
     key_chunk_size: int | None = None,
     memory_budget: int | float | str | None = None,
     device: str = "cpu",
+    band: int | None = None,
 ) -> tuple[int, int]:
     """``(q_chunk, k_chunk)`` for a call of ``dims``; explicit sizes are returned unchanged
     (clipped to the lengths, since a chunk never exceeds its axis). ``device`` is ``"cpu"`` or
-    anything else for an accelerator."""
+    anything else for an accelerator; ``band`` the width of a local window, if any."""
     q_chunk = check_chunk_size("query_chunk_size", query_chunk_size)
     k_chunk = check_chunk_size("key_chunk_size", key_chunk_size)
     budget = parse_memory(memory_budget) or DEFAULT_MEMORY_BUDGET
@@ -110,6 +114,10 @@ def choose_chunk_sizes(
         kc = max(_MIN_CHUNK, kc // 2)
     while auto_k and kc < min(dims.kv_len, _MAX_K_CHUNK) and rows * qc * kc * 2 <= target:
         kc = min(dims.kv_len, kc * 2)
+    if band is not None:
+        cap = max(64, band // 2)
+        qc = min(qc, cap) if auto_q else qc
+        kc = min(kc, cap) if auto_k else kc
     if auto_q:
         qc = _even(dims.q_len, qc)
     if auto_k:

@@ -148,7 +148,13 @@ def make_config(
         mask_mod=mask_mod is not None,
     )
     q_chunk, k_chunk = choose_chunk_sizes(
-        dims, dtype, query_chunk_size, key_chunk_size, memory_budget, device
+        dims,
+        dtype,
+        query_chunk_size,
+        key_chunk_size,
+        memory_budget,
+        device,
+        None if window is None else max(0, window[0]) + max(0, window[1]) + 1,
     )
     if mask_fill not in MASK_FILL:
         raise AttentionInputError(f"mask_fill must be one of {MASK_FILL}, got {mask_fill!r}")

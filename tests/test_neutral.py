@@ -594,3 +594,14 @@ def test_docstring_examples_run(module):
     assert result.failed == 0
     if module in (_masks, _chunks):
         assert result.attempted > 0
+
+
+def test_chunk_sizes_follow_a_local_window_but_honour_explicit_sizes():
+    from memory_efficient_attention._chunks import choose_chunk_sizes
+    from memory_efficient_attention._spec import Dims
+
+    dims = Dims((1,), 8192, 8192, 8, 8, 64, 64)
+    assert choose_chunk_sizes(dims, "float32") == (512, 512)
+    assert choose_chunk_sizes(dims, "float32", band=513) == (256, 256)
+    assert choose_chunk_sizes(dims, "float32", band=9) == (64, 64)
+    assert choose_chunk_sizes(dims, "float32", 1000, 300, band=9) == (1000, 300)
