@@ -122,3 +122,21 @@ def zigzag_permutation(length: int, world: int) -> np.ndarray:
     chunks = np.arange(length).reshape(2 * world, length // (2 * world))
     order = [c for r in range(world) for c in (r, 2 * world - 1 - r)]
     return chunks[order].reshape(-1)
+
+
+def block_config(dims, dtype: str, blk: Block, *, scale, query_chunk_size, key_chunk_size, device: str):
+    """The kernel configuration of one ring block: the local shapes with the block's lengths and,
+    for a diagonal block, a top-left causal mask."""
+    import dataclasses
+
+    from .._config import make_config
+
+    return make_config(
+        dataclasses.replace(dims, q_len=blk.q_len, kv_len=blk.kv_len),
+        dtype,
+        scale=scale,
+        query_chunk_size=query_chunk_size,
+        key_chunk_size=key_chunk_size,
+        is_causal=blk.causal,
+        device=device,
+    )

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .._config import KernelConfig, make_config
+from .._config import KernelConfig
 from .._spec import AttentionInputError, Dims, check_float_dtypes, seed_dims
 from ..jax._kernel import (
     Mods,
@@ -35,7 +35,7 @@ from ..jax._kernel import (
     attention_forward,
     log_sum_exp,
 )
-from ._plan import Block, check_layout, relations, step_block, zigzag_permutation
+from ._plan import Block, block_config, check_layout, relations, step_block, zigzag_permutation
 
 __all__ = ["from_zigzag", "ring_attention", "ring_attention_sharded", "to_zigzag"]
 
@@ -66,23 +66,10 @@ class _Ring:
         return step_block(self.layout, relation, d.q_len, d.kv_len, is_causal=self.is_causal)
 
     def config(self, blk: Block) -> KernelConfig:
-        return make_config(
-            dataclasses.replace(self.dims, q_len=blk.q_len, kv_len=blk.kv_len),
-            self.dtype,
-            scale=self.scale,
-            query_chunk_size=self.query_chunk_size,
-            key_chunk_size=self.key_chunk_size,
-            memory_budget=None,
-            is_causal=blk.causal,
-            causal_alignment="top_left",
-            local_window_size=None,
-            q_lengths_shape=None,
-            kv_lengths_shape=None,
-            q_segments_shape=None,
-            kv_segments_shape=None,
-            mask_mod=None,
-            device=jax.default_backend(),
-        )
+        return block_config(
+            self.dims, self.dtype, blk, scale=self.scale, query_chunk_size=self.query_chunk_size,
+            key_chunk_size=self.key_chunk_size, device=jax.default_backend(),
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------

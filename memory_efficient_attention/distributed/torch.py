@@ -22,11 +22,11 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from .._config import KernelConfig, make_config
+from .._config import KernelConfig
 from .._spec import AttentionInputError, Dims, check_float_dtypes, seed_dims
 from ..torch._function import Operands
 from ..torch._kernel import Mods, _unit, attention_backward, attention_forward, log_sum_exp
-from ._plan import Block, check_layout, step_block, zigzag_permutation
+from ._plan import Block, block_config, check_layout, step_block, zigzag_permutation
 
 __all__ = ["from_zigzag", "ring_attention", "to_zigzag"]
 
@@ -62,23 +62,10 @@ class _Ring:
         return step_block(self.layout, relation, d.q_len, d.kv_len, is_causal=self.is_causal)
 
     def config(self, blk: Block, device: torch.device) -> KernelConfig:
-        return make_config(
-            dataclasses.replace(self.dims, q_len=blk.q_len, kv_len=blk.kv_len),
-            self.dtype,
-            scale=self.scale,
-            query_chunk_size=self.query_chunk_size,
-            key_chunk_size=self.key_chunk_size,
-            memory_budget=None,
-            is_causal=blk.causal,
-            causal_alignment="top_left",
-            local_window_size=None,
-            q_lengths_shape=None,
-            kv_lengths_shape=None,
-            q_segments_shape=None,
-            kv_segments_shape=None,
-            mask_mod=None,
-            device=device.type,
-        )
+        return block_config(
+            self.dims, self.dtype, blk, scale=self.scale, query_chunk_size=self.query_chunk_size,
+            key_chunk_size=self.key_chunk_size, device=device.type,
+        )  # fmt: skip
 
     @property
     def compute_dtype(self) -> torch.dtype:
