@@ -134,6 +134,11 @@ def _index_grids(cfg: KernelConfig, c: _Chunk, device):
 # ------------------------------------------------------------------------------------------------
 
 
+def _fill_value(cfg: KernelConfig, dtype) -> float:
+    """A dense mask's value for masked scores (see ``_config.MASK_FILL``)."""
+    return torch.finfo(dtype).min if cfg.mask_fill == "min" else _NEG_INF
+
+
 def _transform_scores(s, cfg: KernelConfig, mods: Mods, ops, c: _Chunk, bias_c, mask_c):
     dims = cfg.dims
     s5 = s.view(dims.batch_size, dims.kv_heads, c.q1 - c.q0, dims.groups, c.k1 - c.k0)
@@ -149,14 +154,13 @@ def _transform_scores(s, cfg: KernelConfig, mods: Mods, ops, c: _Chunk, bias_c, 
     elif bias_c is not None:
         s5.add_(bias_c, alpha=unit)
     if mask_c is not None:
-        fill = torch.finfo(s.dtype).min if cfg.mask_fill == "min" else _NEG_INF
-        s5.masked_fill_(mask_c.logical_not(), fill)
+        s5.masked_fill_(mask_c.logical_not(), _fill_value(cfg, s.dtype))
     grids = None
     if mods.score_mod is not None:
         grids = _index_grids(cfg, c, s.device)
         q_idx, k_idx, b_idx, h_idx = grids
         modded = mods.score_mod(s5, b_idx, h_idx, q_idx, k_idx)
-        s5 = s5.copy_(modded) if modded.shape == s5.shape else s5.copy_(modded.expand_as(s5))
+        s5.copy_(modded)  # broadcasts a mod that returns fewer dims
     if c.kind == PARTIAL:
         q_idx, k_idx, b_idx, h_idx = grids or _index_grids(cfg, c, s.device)
         keep = chunk_keep(
@@ -206,8 +210,7 @@ def _seed_callbacks(s5, cfg: KernelConfig, mods: Mods, c: _Chunk, bias_c, mask_c
         mask = mods.mask_calc_fn(c.q0, c.k0, _chunk_to_seed(mask_c, cfg), seed_weights(s5), data)
         mask_c = None if mask is None else _seed_to_chunk(torch.as_tensor(mask, device=s5.device), cfg)
     if mask_c is not None:
-        fill = torch.finfo(s5.dtype).min if cfg.mask_fill == "min" else _NEG_INF
-        s5.masked_fill_(mask_c.logical_not(), fill)
+        s5.masked_fill_(mask_c.logical_not(), _fill_value(cfg, s5.dtype))
         mask_c = None
     if mods.weights_calc_fn is not None:
         w = mods.weights_calc_fn(c.q0, c.k0, seed_weights(s5), data)
