@@ -216,35 +216,63 @@ def _full_size(s, cfg: KernelConfig, c: _Chunk):
 
 
 # ------------------------------------------------------------------------------------------------
-# The score pipeline of one chunk: scale, matmul, soft cap, bias, seed callbacks, dense mask,
-# score_mod, structured masks. A pure function of (qi, kj, bias slice, data): jax.vjp gives all
-# of their gradients in the backward.
+# The score pipeline of one chunk: the scaled matmul, then soft cap, bias, seed callbacks, dense
+# mask, score_mod, structured masks. The part after the matmul is a pure function of (scores,
+# bias slice, data): jax.vjp gives all of its gradients in the backward.
 # ------------------------------------------------------------------------------------------------
 
 
 def _scores(cfg: KernelConfig, mods: Mods, ops: Operands, c: _Chunk, qi, kj, bias_s, data):
-    cdt = qi.dtype
+    """The scores of one chunk, ``[Z, K, lc, G, kc]``."""
     s = jnp.einsum(
-        "zklgd,zksd->zklgs", qi * jnp.asarray(cfg.scale, cdt), kj, precision=mods.precision,
-        preferred_element_type=cdt,
+        "zklgd,zksd->zklgs", qi * jnp.asarray(cfg.scale, qi.dtype), kj, precision=mods.precision,
+        preferred_element_type=qi.dtype,
     )  # fmt: skip
+    return _score_pipeline(cfg, mods, ops, c, s, bias_s, data)
+
+
+def _plain_scores(cfg: KernelConfig, mods: Mods, ops: Operands) -> bool:
+    """Whether the scores are the scaled matmul alone (nothing after it to differentiate)."""
+    return (
+        cfg.softcap is None
+        and ops.bias is None
+        and ops.mask is None
+        and not mods.seed_callbacks
+        and mods.score_mod is None
+        and not cfg.structure.any
+    )
+
+
+def _score_pipeline(
+    cfg: KernelConfig, mods: Mods, ops: Operands, c: _Chunk, s, bias_s, data, keys_first: bool = False
+):
+    """Soft cap, bias, seed callbacks, dense mask, score_mod and structured masks on the raw
+    scores ``s [Z, K, lc, G, kc]``, or ``s [Z, K, kc, lc, G]`` with ``keys_first`` (the backward's
+    layout: operands are brought to it, so no score chunk is transposed on the way)."""
+    cdt = s.dtype
+
+    def lay(x):  # [Z, K, lc, G, kc] -> the layout of s
+        return x.transpose(0, 1, 4, 2, 3) if keys_first and x.ndim == 5 else x
+
+    def unlay(x):
+        return x.transpose(0, 1, 3, 4, 2) if keys_first else x
+
     if cfg.softcap is not None:
         s = cfg.softcap * jnp.tanh(s / cfg.softcap)
     mask_s = _operand_slice(ops.mask, c)
     if mods.seed_callbacks:
-        s = _seed_callbacks(s, cfg, mods, c, bias_s, mask_s, data)
+        s = lay(_seed_callbacks(unlay(s), cfg, mods, c, bias_s, mask_s, data))
     else:
         if bias_s is not None:
-            s = s + _operand_chunk(bias_s, cfg).astype(cdt)
+            s = s + lay(_operand_chunk(bias_s, cfg)).astype(cdt)
         if mask_s is not None:
-            s = jnp.where(_operand_chunk(mask_s, cfg), s, _fill_value(cfg, cdt))
+            s = jnp.where(lay(_operand_chunk(mask_s, cfg)), s, _fill_value(cfg, cdt))
     if mods.score_mod is not None:
-        full, (q_idx, k_idx, b_idx, h_idx) = _full_size(s, cfg, c)
+        full, (q_idx, k_idx, b_idx, h_idx) = _full_size(unlay(s), cfg, c)
         full = jnp.broadcast_to(mods.score_mod(full, b_idx, h_idx, q_idx, k_idx), full.shape)
-        s = full[:, :, : c.lc, :, : c.kc].astype(cdt)
+        s = lay(full[:, :, : c.lc, :, : c.kc].astype(cdt))
     if cfg.structure.any:
-        keep = _keep(cfg, mods, ops, c)
-        s = jnp.where(keep, s, _NEG_INF)
+        s = jnp.where(lay(_keep(cfg, mods, ops, c)), s, _NEG_INF)
     return s
 
 
@@ -415,32 +443,43 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops: Operands, out, row_ma
     delta_s = delta * inv_l
     data_grad_mask, data_zero = _data_grad_setup(ops.data)
 
+    plain = _plain_scores(cfg, mods, ops)
+    scale = jnp.asarray(cfg.scale, cdt)
+
     def pair(c: _Chunk, carry):
         def compute(carry):
             dq, dk, dv, dbias, ddata = carry
-            qi, kj, vj = _rows(q, c), _keys(k, c), _keys(v, c)
-
-            def scores(qi, kj, bias_s, data_f):
-                data = _data_merge(ops.data, data_f, data_grad_mask)
-                return _scores(cfg, mods, ops, c, qi, kj, bias_s, data)
-
-            bias_s, data_f = _operand_slice(ops.bias, c), _data_split(ops.data, data_grad_mask)
-            s, vjp = jax.vjp(scores, qi, kj, bias_s, data_f)
+            qi, kj, vj = _rows(q, c) * scale, _keys(k, c), _keys(v, c)
             do_i, dl_i = _rows(d_out_s, c), _rows(delta_s, c)
-            p = jnp.exp(s - _rows(row_max, c)[..., None])
+            # Transposed scores [Z, K, kc, lc, G]: every large matmul operand is then row-major
+            # for XLA's dot (no transposed copy of a chunk), and the small ones are transposed.
+            s = _matmul("zksd,zklgd->zkslg", kj, qi, mods)
+            bias_s, data_f = _operand_slice(ops.bias, c), _data_split(ops.data, data_grad_mask)
+            if not plain:
+
+                def pipeline(s, bias_s, data_f):
+                    data = _data_merge(ops.data, data_f, data_grad_mask)
+                    return _score_pipeline(cfg, mods, ops, c, s, bias_s, data, keys_first=True)
+
+                s, pipeline_vjp = jax.vjp(pipeline, s, bias_s, data_f)
+            p = jnp.exp(s - _rows(row_max, c)[:, :, None])
             pd = p
             if cfg.dropout:
-                drop = _dropout_scale(p.shape, cfg, ops.dropout_key, c, cdt)
+                drop = _dropout_scale(p.shape[:2] + p.shape[3:] + p.shape[2:3], cfg, ops.dropout_key, c, cdt)
+                drop = drop.transpose(0, 1, 4, 2, 3)
                 pd = p * drop
-            dv_j = jnp.einsum("zklgs,zklge->zkse", pd, do_i, precision=mods.precision)
-            dp = jnp.einsum("zklge,zkse->zklgs", do_i, vj, precision=mods.precision)
+            dv_j = _matmul("zkslg,zklge->zkse", pd, do_i, mods)
+            dp = _matmul("zkse,zklge->zkslg", vj, do_i, mods)
             if cfg.dropout:
                 dp = dp * drop
-            ds = p * (dp - dl_i[..., None])
-            dqi, dkj, dbias_s, ddata_f = vjp(ds)
-            if dbias is not None:
-                dbias = _add_operand_slice(dbias, dbias_s, c)
-            ddata = jax.tree.map(jnp.add, ddata, ddata_f)
+            ds = p * (dp - dl_i[:, :, None])
+            if not plain:
+                ds, dbias_s, ddata_f = pipeline_vjp(ds)
+                if dbias is not None:
+                    dbias = _add_operand_slice(dbias, dbias_s, c)
+                ddata = jax.tree.map(jnp.add, ddata, ddata_f)
+            dkj = _matmul("zkslg,zklgd->zksd", ds, qi, mods)
+            dqi = _matmul("zksd,zkslg->zkdlg", kj * scale, ds, mods).transpose(0, 1, 3, 4, 2)
             return _add_at(dq, dqi, c.q0), _add_at(dk, dkj, c.k0), _add_at(dv, dv_j, c.k0), dbias, ddata
 
         return _skip_or(ops, c, compute, carry)
@@ -456,6 +495,10 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops: Operands, out, row_ma
     dt = ops.q.dtype
     ddata = _data_merge_grad(ops.data, ddata, data_grad_mask)
     return dq.astype(dt), dk.astype(dt), dv.astype(dt), dbias, ddata
+
+
+def _matmul(spec: str, x, y, mods: Mods):
+    return jnp.einsum(spec, x, y, precision=mods.precision, preferred_element_type=x.dtype)
 
 
 def _add_operand_slice(full, part, c: _Chunk):
