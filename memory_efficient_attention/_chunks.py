@@ -18,6 +18,12 @@ The rule (documented in the README):
    (256, 256): 0.20x the unmasked time with 512-chunks, 0.11x with 256-chunks).
 5. Even out the chunks: ``ceil(L / q_chunk)`` chunks of equal size (rounded up to a multiple of
    8 when that keeps the count) instead of a short tail, same for keys.
+6. Partial pairs (a causal diagonal, a window's edges) split into tiles down to
+   ``tile_size = max(256, min(q_chunk, k_chunk) // 2)`` and drop their empty quadrants (see
+   ``_masks``), explicit chunk sizes included. Smaller tiles cost more in per-step overhead than
+   they save here (measured, causal forward, 8 heads: n = 4096 with 512-chunks 0.60x the unmasked
+   time untiled, 0.66x with 256-tiles; n = 16384, 1 head, 1024 x 2048 chunks: 0.65x untiled,
+   0.60x with 512-tiles).
 
 Example::
 
@@ -54,6 +60,18 @@ _UNITS = {
     "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }  # fmt: skip
+
+
+_MIN_TILE = 256
+
+
+def tile_size(q_chunk: int, k_chunk: int) -> int:
+    """The smallest tile a partial pair is split into (rule 6).
+
+    >>> tile_size(512, 512), tile_size(1024, 2048)
+    (256, 512)
+    """
+    return max(_MIN_TILE, min(q_chunk, k_chunk) // 2)
 
 
 def parse_memory(budget: int | float | str | None) -> int | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from ._chunks import choose_chunk_sizes
+from ._chunks import choose_chunk_sizes, tile_size
 from ._masks import BlockPlan, StructuredMask, alignment_offset, normalize_window
 from ._spec import (
     AttentionInputError,
@@ -43,7 +43,9 @@ class KernelConfig:
 
     @cached_property
     def plan(self) -> BlockPlan:
-        return BlockPlan.build(self.structure, self.q_chunk, self.k_chunk)
+        # Dropout draws its keep mask per chunk pair, the same in every pass: no tiles then.
+        min_tile = 0 if self.dropout else tile_size(self.q_chunk, self.k_chunk)
+        return BlockPlan.build(self.structure, self.q_chunk, self.k_chunk, min_tile)
 
     @property
     def compute_dtype(self) -> str:

@@ -19,6 +19,11 @@ Block plan: the queries are cut into chunks of ``q_chunk`` rows and the keys int
 * ``FULL``: every pair is kept by the static part and no dynamic part exists: no mask work;
 * ``PARTIAL``: the chunk's mask is built from index ranges.
 
+Tiles: a partial pair whose corner lies outside the static mask (the diagonal blocks of causal
+attention, the edges of a window band) is split into quadrants, recursively down to ``min_tile``
+rows or columns, and its empty quadrants are dropped: a causal diagonal block of 1024 x 1024 costs
+3/4 of a block in tiles of 512 instead of a whole one. Kernels run the ``pair_tiles`` of the plan.
+
 Example::
 
     >>> plan = BlockPlan.build(StructuredMask(q_len=6, kv_len=6, causal=True), 2, 2)
@@ -35,10 +40,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ._spec import AttentionInputError
 
-__all__ = ["EMPTY", "FULL", "PARTIAL", "BlockPlan", "StructuredMask", "chunk_bounds"]
+__all__ = ["EMPTY", "FULL", "PARTIAL", "BlockPlan", "StructuredMask", "Tile", "chunk_bounds"]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _GLYPH = {EMPTY: ".", PARTIAL: "+", FULL: "#"}
@@ -148,6 +154,40 @@ class StructuredMask:
         return keep
 
 
+class Tile(NamedTuple):
+    """One rectangle of a chunk pair ``(i, j)`` to compute: queries ``[q0, q1)``, keys ``[k0, k1)``."""
+
+    i: int
+    j: int
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    kind: int
+
+
+def _split(mask: StructuredMask, t: Tile, min_tile: int) -> list[Tile]:
+    """``t`` itself, or the non-empty quadrants of a partial ``t`` (recursively) when a split
+    drops an empty one."""
+    if t.kind != PARTIAL or min_tile <= 0:
+        return [t]
+    qs = _halves(t.q0, t.q1, min_tile)
+    ks = _halves(t.k0, t.k1, min_tile)
+    if len(qs) == len(ks) == 1:
+        return [t]
+    parts = [Tile(t.i, t.j, a, b, c, d, mask.block_kind(a, b, c, d)) for a, b in qs for c, d in ks]
+    if all(p.kind != EMPTY for p in parts):
+        return [t]
+    return [x for p in parts if p.kind != EMPTY for x in _split(mask, p, min_tile)]
+
+
+def _halves(lo: int, hi: int, min_tile: int) -> list[tuple[int, int]]:
+    if hi - lo < 2 * min_tile:
+        return [(lo, hi)]
+    mid = lo + (hi - lo + 1) // 2
+    return [(lo, mid), (mid, hi)]
+
+
 @dataclass(frozen=True)
 class BlockPlan:
     """Which (query chunk, key chunk) pairs are empty, partial or full.
@@ -161,13 +201,32 @@ class BlockPlan:
     q_chunk: int
     k_chunk: int
     kinds: tuple[tuple[int, ...], ...] = field(repr=False)
+    mask: StructuredMask | None = field(default=None, repr=False)
+    min_tile: int = 0
 
     @classmethod
-    def build(cls, mask: StructuredMask, q_chunk: int, k_chunk: int) -> BlockPlan:
+    def build(cls, mask: StructuredMask, q_chunk: int, k_chunk: int, min_tile: int = 0) -> BlockPlan:
+        """The plan of ``mask`` in chunks of ``q_chunk x k_chunk``; partial pairs split into tiles
+        down to ``min_tile`` (0: never split)."""
         qb = chunk_bounds(mask.q_len, q_chunk)
         kb = chunk_bounds(mask.kv_len, k_chunk)
         kinds = tuple(tuple(mask.block_kind(q0, q1, k0, k1) for k0, k1 in kb) for q0, q1 in qb)
-        return cls(mask.q_len, mask.kv_len, q_chunk, k_chunk, kinds)
+        return cls(mask.q_len, mask.kv_len, q_chunk, k_chunk, kinds, mask, min_tile)
+
+    def pair_tiles(self, i: int, j: int) -> list[Tile]:
+        """The tiles of pair ``(i, j)`` (none if it is empty), ordered by query then key.
+
+        >>> plan = BlockPlan.build(StructuredMask(8, 8, causal=True), 8, 8, min_tile=2)
+        >>> [(t.q0, t.q1, t.k0, t.k1) for t in plan.pair_tiles(0, 0)][:4]
+        [(0, 2, 0, 2), (2, 4, 0, 2), (2, 4, 2, 4), (4, 8, 0, 4)]
+        """
+        kind = self.kinds[i][j]
+        if kind == EMPTY:
+            return []
+        t = Tile(i, j, *self.q_bounds(i), *self.k_bounds(j), kind)
+        if self.mask is None:
+            return [t]
+        return sorted(_split(self.mask, t, self.min_tile), key=lambda x: (x.q0, x.k0))
 
     @property
     def num_q_chunks(self) -> int:
@@ -193,24 +252,23 @@ class BlockPlan:
         col = [i for i in range(self.num_q_chunks) if self.kinds[i][j] != EMPTY]
         return (col[0], col[-1] + 1) if col else (0, 0)
 
-    def pair_groups(self) -> list[tuple[tuple[int, int], tuple[tuple[int, int], ...]]]:
-        """The pairs to compute, grouped by chunk shape: ``[((lc, kc), ((i, j), ...)), ...]``.
+    def pair_groups(self) -> list[tuple[tuple[int, int, int], tuple[Tile, ...]]]:
+        """The tiles to compute, grouped by shape and kind: ``[((lc, kc, kind), tiles), ...]``.
 
-        At most four shapes (full or shorter last chunk, on each axis). Online softmax and the
-        gradient sums do not depend on the order of the pairs, so a kernel may run each group as
-        one loop of static length (JAX: a ``scan`` that every transform can differentiate).
+        Online softmax and the gradient sums do not depend on the order of the tiles, so a kernel
+        may run each group as one loop of static length (JAX: a ``scan`` that every transform can
+        differentiate), with mask work only in the partial groups.
 
-        >>> BlockPlan.build(StructuredMask(5, 5, causal=True), 2, 4).pair_groups()
-        [((2, 4), ((0, 0), (1, 0))), ((1, 4), ((2, 0),)), ((1, 1), ((2, 1),))]
+        >>> groups = BlockPlan.build(StructuredMask(5, 5, causal=True), 2, 4).pair_groups()
+        >>> [(shape, [(t.i, t.j) for t in tiles]) for shape, tiles in groups]
+        [((2, 4, 1), [(0, 0), (1, 0)]), ((1, 4, 2), [(2, 0)]), ((1, 1, 2), [(2, 1)])]
         """
-        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        groups: dict[tuple[int, int, int], list[Tile]] = {}
         for i, row in enumerate(self.kinds):
-            q0, q1 = self.q_bounds(i)
-            for j, kind in enumerate(row):
-                if kind != EMPTY:
-                    k0, k1 = self.k_bounds(j)
-                    groups.setdefault((q1 - q0, k1 - k0), []).append((i, j))
-        return [(shape, tuple(pairs)) for shape, pairs in groups.items()]
+            for j in range(len(row)):
+                for t in self.pair_tiles(i, j):
+                    groups.setdefault((t.q1 - t.q0, t.k1 - t.k0, t.kind), []).append(t)
+        return [(shape, tuple(tiles)) for shape, tiles in groups.items()]
 
     def count(self, kind: int) -> int:
         return sum(row.count(kind) for row in self.kinds)

@@ -265,6 +265,45 @@ _STRUCTURED = [
         is_causal=True,
         causal_alignment="bottom_right",
     ),
+    # Lengths past 512-chunks: partial pairs split into 256-tiles (``_chunks.tile_size``).
+    Case(
+        "tiles_causal_br",
+        batch=(1,),
+        L=700,
+        S=600,
+        H=2,
+        K=1,
+        q_chunk=512,
+        k_chunk=512,
+        is_causal=True,
+        causal_alignment="bottom_right",
+    ),
+    Case(
+        "tiles_window_bias",
+        batch=(1,),
+        L=700,
+        S=600,
+        H=2,
+        K=2,
+        q_chunk=512,
+        k_chunk=512,
+        local_window_size=(200, 0),
+        bias_shape=(1, 2, 700, 600),
+        logits_soft_cap=3.0,
+    ),
+    Case(
+        "tiles_causal_lengths",
+        batch=(2,),
+        L=530,
+        S=530,
+        H=2,
+        K=2,
+        q_chunk=512,
+        k_chunk=512,
+        is_causal=True,
+        kv_lengths="random",
+        score_mod="alibi",
+    ),
     Case(
         "everything",
         **_S,
@@ -285,7 +324,11 @@ _STRUCTURED = [
 STRUCTURED = (
     _dtyped(_STRUCTURED, ("float64",))
     + _dtyped(
-        [c for c in _STRUCTURED if c.name in ("causal_br", "everything", "q_lengths", "mask_mod_empty_rows")],
+        [
+            c
+            for c in _STRUCTURED
+            if c.name in ("causal_br", "everything", "q_lengths", "mask_mod_empty_rows", "tiles_causal_br")
+        ],
         ("float32",),
     )
     + _dtyped([c for c in _STRUCTURED if c.name in ("everything", "window_causal")], LOW_PRECISION)

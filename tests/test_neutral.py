@@ -27,6 +27,7 @@ from memory_efficient_attention._masks import (
     PARTIAL,
     BlockPlan,
     StructuredMask,
+    Tile,
     alignment_offset,
     chunk_bounds,
     normalize_window,
@@ -385,6 +386,53 @@ def test_block_plan_is_exact_for_nonnegative_windows(mask, q_chunk, k_chunk):
 @given(structured_masks(), st.integers(1, 32), st.integers(1, 32))
 def test_block_plan_is_sound_for_any_window(mask, q_chunk, k_chunk):
     _check_plan(mask, q_chunk, k_chunk, exact=False)
+
+
+@given(structured_masks(), st.integers(1, 32), st.integers(1, 32), st.integers(0, 8))
+def test_tiles_cover_every_kept_pair_once(mask, q_chunk, k_chunk, min_tile):
+    plan = BlockPlan.build(mask, q_chunk, k_chunk, min_tile)
+    keep = _static_keep(mask)
+    covered = np.zeros(keep.shape, dtype=int)
+    groups = {shape: set(tiles) for shape, tiles in plan.pair_groups()}
+    for i in range(plan.num_q_chunks):
+        for j in range(plan.num_k_chunks):
+            tiles = plan.pair_tiles(i, j)
+            if plan.kinds[i][j] == EMPTY:
+                assert tiles == []
+                continue
+            (q0, q1), (k0, k1) = plan.q_bounds(i), plan.k_bounds(j)
+            for t in tiles:
+                assert (t.i, t.j) == (i, j)
+                assert q0 <= t.q0 < t.q1 <= q1 and k0 <= t.k0 < t.k1 <= k1
+                assert t.kind == mask.block_kind(t.q0, t.q1, t.k0, t.k1) != EMPTY
+                block = keep[t.q0 : t.q1, t.k0 : t.k1]
+                assert block.any() or mask.dynamic or not mask.static or t.kind == PARTIAL
+                if t.kind == FULL:
+                    assert block.all()
+                if t != Tile(i, j, q0, q1, k0, k1, plan.kinds[i][j]):  # split: smaller than min_tile x 2
+                    assert min(t.q1 - t.q0, t.k1 - t.k0) >= min(min_tile, q1 - q0, k1 - k0) // 2
+                assert t in groups[(t.q1 - t.q0, t.k1 - t.k0, t.kind)]
+                covered[t.q0 : t.q1, t.k0 : t.k1] += 1
+    assert covered.max() <= 1  # disjoint
+    assert (covered[keep] == 1).all()  # every kept pair computed
+    if min_tile == 0:
+        assert all(
+            len(plan.pair_tiles(i, j)) <= 1
+            for i in range(plan.num_q_chunks)
+            for j in range(plan.num_k_chunks)
+        )
+
+
+def test_tiles_split_a_causal_diagonal():
+    plan = BlockPlan.build(StructuredMask(1024, 1024, causal=True), 1024, 1024, 256)
+    tiles = plan.pair_tiles(0, 0)
+    # 1024 -> two 512 halves (the top-right one empty) -> the two diagonal 512 blocks split again
+    assert sum((t.q1 - t.q0) * (t.k1 - t.k0) for t in tiles) == 512 * 512 + 2 * 3 * 256 * 256
+    assert {(t.q1 - t.q0, t.k1 - t.k0, t.kind) for t in tiles} == {(512, 512, FULL), (256, 256, FULL),
+                                                                   (256, 256, PARTIAL)}  # fmt: skip
+    assert BlockPlan.build(StructuredMask(1024, 1024), 1024, 1024, 256).pair_tiles(0, 0) == [
+        Tile(0, 0, 0, 1024, 0, 1024, FULL)
+    ]
 
 
 def test_block_plan_of_unmasked_call_is_all_full():

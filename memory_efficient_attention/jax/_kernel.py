@@ -26,6 +26,7 @@ import numpy as np
 from jax import lax
 
 from .._config import KernelConfig, chunk_keep
+from .._masks import PARTIAL
 
 _NEG_INF = -jnp.inf
 
@@ -62,7 +63,8 @@ class Operands(NamedTuple):
 
 
 class _Chunk(NamedTuple):
-    """Where one (query chunk, key chunk) pair sits. Starts may be traced; sizes are static."""
+    """Where one tile of a (query chunk, key chunk) pair sits. Starts may be traced; sizes and
+    the kind (``_masks.FULL``: no mask work) are static."""
 
     i: Any
     j: Any
@@ -70,6 +72,7 @@ class _Chunk(NamedTuple):
     lc: int
     k0: Any
     kc: int
+    kind: int = PARTIAL
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,16 +81,17 @@ class _Chunk(NamedTuple):
 
 
 def _pair_loop(cfg: KernelConfig, body, carry):
-    """``body(chunk, carry)`` for every pair the block plan keeps: one ``lax.scan`` of static
-    length per chunk shape (full chunks, shorter last chunks), so empty blocks are never visited
-    and every JAX transform (``grad`` of ``grad``, ``jvp``, ``vmap``) can go through the loops."""
-    for (lc, kc), pairs in cfg.plan.pair_groups():
+    """``body(chunk, carry)`` for every tile the block plan keeps: one ``lax.scan`` of static
+    length per tile shape and kind (full chunks, shorter last chunks, diagonal tiles), so empty
+    blocks are never visited and every JAX transform (``grad`` of ``grad``, ``jvp``, ``vmap``)
+    can go through the loops."""
+    for (lc, kc, kind), tiles in cfg.plan.pair_groups():
 
-        def step(carry, ij, lc=lc, kc=kc):
-            i, j = ij[0], ij[1]
-            return body(_Chunk(i, j, i * cfg.q_chunk, lc, j * cfg.k_chunk, kc), carry), None
+        def step(carry, t, lc=lc, kc=kc, kind=kind):
+            return body(_Chunk(t[0], t[1], t[2], lc, t[3], kc, kind), carry), None
 
-        carry, _ = lax.scan(step, carry, jnp.asarray(np.asarray(pairs, dtype=np.int32)))
+        xs = np.asarray([(t.i, t.j, t.q0, t.k0) for t in tiles], dtype=np.int32)
+        carry, _ = lax.scan(step, carry, jnp.asarray(xs))
     return carry
 
 
@@ -231,15 +235,15 @@ def _scores(cfg: KernelConfig, mods: Mods, ops: Operands, c: _Chunk, qi, kj, bia
     return _score_pipeline(cfg, mods, ops, c, s, bias_s, data)
 
 
-def _plain_scores(cfg: KernelConfig, mods: Mods, ops: Operands) -> bool:
-    """Whether the scores are the scaled matmul alone (nothing after it to differentiate)."""
+def _plain_scores(cfg: KernelConfig, mods: Mods, ops: Operands, c: _Chunk) -> bool:
+    """Whether the scores of ``c`` are the scaled matmul alone (nothing after it to differentiate)."""
     return (
         cfg.softcap is None
         and ops.bias is None
         and ops.mask is None
         and not mods.seed_callbacks
         and mods.score_mod is None
-        and not cfg.structure.any
+        and (c.kind != PARTIAL or not cfg.structure.any)
     )
 
 
@@ -271,7 +275,7 @@ def _score_pipeline(
         full, (q_idx, k_idx, b_idx, h_idx) = _full_size(unlay(s), cfg, c)
         full = jnp.broadcast_to(mods.score_mod(full, b_idx, h_idx, q_idx, k_idx), full.shape)
         s = lay(full[:, :, : c.lc, :, : c.kc].astype(cdt))
-    if cfg.structure.any:
+    if c.kind == PARTIAL and cfg.structure.any:
         s = jnp.where(lay(_keep(cfg, mods, ops, c)), s, _NEG_INF)
     return s
 
@@ -443,7 +447,6 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops: Operands, out, row_ma
     delta_s = delta * inv_l
     data_grad_mask, data_zero = _data_grad_setup(ops.data)
 
-    plain = _plain_scores(cfg, mods, ops)
     scale = jnp.asarray(cfg.scale, cdt)
 
     def pair(c: _Chunk, carry):
@@ -455,6 +458,7 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops: Operands, out, row_ma
             # for XLA's dot (no transposed copy of a chunk), and the small ones are transposed.
             s = _matmul("zksd,zklgd->zkslg", kj, qi, mods)
             bias_s, data_f = _operand_slice(ops.bias, c), _data_split(ops.data, data_grad_mask)
+            plain = _plain_scores(cfg, mods, ops, c)
             if not plain:
 
                 def pipeline(s, bias_s, data_f):

@@ -48,7 +48,7 @@ def attention_forward_differentiable(cfg: KernelConfig, mods: Mods, ops, seed: i
     unit = _unit(mods)
     fill = torch.finfo(cdt).min
     outs, lses = [], []
-    for i, chunks in _pairs(cfg, _pairs_nonempty(cfg, ops), by_key=False):
+    for i, chunks in _pairs(cfg, _pairs_nonempty(cfg, ops), by_key=False, tiles=False):
         q0, q1 = cfg.plan.q_bounds(i)
         rows = (q1 - q0) * g
         qi = q[:, :, q0:q1].reshape(z * kh, rows, d)
@@ -108,7 +108,7 @@ def attention_jvp(cfg: KernelConfig, mods: Mods, ops, seed: int, out, row_max, r
     inv_l = torch.where(row_sum > 0, row_sum.reciprocal(), torch.zeros((), dtype=cdt, device=q.device))
     out_c = out.to(cdt)
     d_outs, d_lses = [], []  # assembled out of place (torch.func transforms may batch the tangents)
-    for i, chunks in _pairs(cfg, _pairs_nonempty(cfg, ops), by_key=False):
+    for i, chunks in _pairs(cfg, _pairs_nonempty(cfg, ops), by_key=False, tiles=False):
         q0, q1 = cfg.plan.q_bounds(i)
         rows = (q1 - q0) * g
         qi = q[:, :, q0:q1].reshape(z * kh, rows, d)

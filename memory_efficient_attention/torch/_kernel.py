@@ -259,9 +259,9 @@ def _pairs_nonempty(cfg: KernelConfig, ops) -> list[list[bool]] | None:
     return ok.any(dim=0).tolist()
 
 
-def _pairs(cfg: KernelConfig, nonempty, *, by_key: bool):
-    """The (query chunk, key chunk) pairs to compute, grouped by query chunk (forward) or by key
-    chunk (backward): yields ``(outer, [_Chunk, ...])``."""
+def _pairs(cfg: KernelConfig, nonempty, *, by_key: bool, tiles: bool = True):
+    """The tiles to compute (whole chunk pairs unless ``tiles``), grouped by query chunk
+    (forward) or by key chunk (backward): yields ``(outer, [_Chunk, ...])``."""
     plan = cfg.plan
     outer_n = plan.num_k_chunks if by_key else plan.num_q_chunks
     for o in range(outer_n):
@@ -272,7 +272,10 @@ def _pairs(cfg: KernelConfig, nonempty, *, by_key: bool):
             kind = plan.kinds[i][j]
             if kind == EMPTY or (nonempty is not None and not nonempty[i][j]):
                 continue
-            chunks.append(_Chunk(i, j, *plan.q_bounds(i), *plan.k_bounds(j), kind))
+            if tiles:
+                chunks.extend(_Chunk(*t) for t in plan.pair_tiles(i, j))
+            else:
+                chunks.append(_Chunk(i, j, *plan.q_bounds(i), *plan.k_bounds(j), kind))
         yield o, chunks
 
 
@@ -310,36 +313,45 @@ def attention_forward(cfg: KernelConfig, mods: Mods, ops, seed: int):
             out[:, :, q0:q1] = 0.0
             continue
         qi = q[:, :, q0:q1].reshape(z * kh, rows, d)
-        m = None  # set by the first key chunk, which also overwrites l and acc
+        m = torch.empty(z * kh, rows, 1, dtype=cdt, device=dev)
         l = torch.empty(z * kh, rows, 1, dtype=cdt, device=dev)
         acc = torch.empty(z * kh, rows, e, dtype=cdt, device=dev)
+        # The first tile overwrites the state when it covers every row; otherwise start empty.
+        fresh = chunks[0].q0 == q0 and chunks[0].q1 == q1
+        if not fresh:
+            m.fill_(_NEG_INF)
+            l.zero_()
+            acc.zero_()
         for n, c in enumerate(chunks):
             kc = c.k1 - c.k0
+            r0, r1 = (c.q0 - q0) * g, (c.q1 - q0) * g
             kj = k[:, :, c.k0 : c.k1].reshape(z * kh, kc, d)
             vj = v[:, :, c.k0 : c.k1].reshape(z * kh, kc, e)
-            s = buf[: z * kh * rows * kc].view(z * kh, rows, kc)
-            torch.baddbmm(s, qi, kj.transpose(1, 2), beta=0, alpha=cfg.scale * unit, out=s)
+            s = buf[: z * kh * (r1 - r0) * kc].view(z * kh, r1 - r0, kc)
+            torch.baddbmm(s, qi[:, r0:r1], kj.transpose(1, 2), beta=0, alpha=cfg.scale * unit, out=s)
             if not (plain and c.kind != PARTIAL):
                 s = _transform_scores(
                     s, cfg, mods, ops, c, _operand_chunk(ops.bias, cfg, c.q0, c.q1, c.k0, c.k1),
                     _operand_chunk(ops.mask, cfg, c.q0, c.q1, c.k0, c.k1),
                 )  # fmt: skip
+            m_t, l_t, acc_t = m[:, r0:r1], l[:, r0:r1], acc[:, r0:r1]
             m_chunk = s.amax(dim=-1, keepdim=True)
-            m_new = m_chunk if n == 0 else torch.maximum(m, m_chunk)
+            first = n == 0 and fresh
+            m_new = m_chunk if first else torch.maximum(m_t, m_chunk)
             # Rows with no key so far have max -inf: shift by 0 instead (exp(-inf) = 0, no NaN).
             m_safe = m_new if not guard else m_new.masked_fill(m_new == _NEG_INF, 0.0)
             p = _exp_(s.sub_(m_safe), unit)
             p_sum = p.sum(dim=-1, keepdim=True)
             if cfg.dropout:
                 p = p.mul_(_dropout_scale(p.shape, cfg, seed, c, dev, cdt))
-            if n == 0:  # nothing to rescale yet
-                l.copy_(p_sum)
-                torch.bmm(p, vj, out=acc)
+            if first:  # nothing to rescale yet
+                l_t.copy_(p_sum)
+                torch.bmm(p, vj, out=acc_t)
             else:
-                alpha = _exp_(m - m_safe, unit)
-                l.mul_(alpha).add_(p_sum)
-                acc.mul_(alpha).baddbmm_(p, vj)
-            m = m_new
+                alpha = _exp_(m_t - m_safe, unit)
+                l_t.mul_(alpha).add_(p_sum)
+                acc_t.mul_(alpha).baddbmm_(p, vj)
+            m_t.copy_(m_new)
         m_safe = m.masked_fill(m == _NEG_INF, 0.0)
         inv_l = torch.where(l > 0, l.reciprocal(), torch.zeros((), dtype=cdt, device=dev))
         out[:, :, q0:q1] = acc.mul_(inv_l).view(z, kh, q1 - q0, g, e)
@@ -403,13 +415,15 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops, seed, out, row_max, r
         dk_j = torch.zeros(z * kh, kc, d, dtype=cdt, device=dev)
         dv_j = torch.zeros(z * kh, kc, e, dtype=cdt, device=dev)
         for c in chunks:
-            rows = (c.q1 - c.q0) * g
+            rows, tc = (c.q1 - c.q0) * g, c.k1 - c.k0
             r0, r1 = c.q0 * g, c.q1 * g
+            c0, c1 = c.k0 - k0, c.k1 - k0  # the tile's keys within the chunk
             qi = q[:, :, c.q0 : c.q1].reshape(z * kh, rows, d)
-            bias_c = _operand_chunk(ops.bias, cfg, c.q0, c.q1, k0, k1)
-            mask_c = _operand_chunk(ops.mask, cfg, c.q0, c.q1, k0, k1)
-            s = s_buf[: z * kh * rows * kc].view(z * kh, rows, kc)
-            torch.baddbmm(s, qi, kj.transpose(1, 2), beta=0, alpha=cfg.scale * unit, out=s)
+            kt, vt = kj[:, c0:c1], vj[:, c0:c1]
+            bias_c = _operand_chunk(ops.bias, cfg, c.q0, c.q1, c.k0, c.k1)
+            mask_c = _operand_chunk(ops.mask, cfg, c.q0, c.q1, c.k0, c.k1)
+            s = s_buf[: z * kh * rows * tc].view(z * kh, rows, tc)
+            torch.baddbmm(s, qi, kt.transpose(1, 2), beta=0, alpha=cfg.scale * unit, out=s)
             if mods.needs_autograd:
                 s_raw, s, bias_leaf = _scores_with_graph(s, cfg, mods, ops, c, bias_c, mask_c,
                                                          need_bias_grad)  # fmt: skip
@@ -425,9 +439,9 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops, seed, out, row_max, r
                 pd = p * drop
             # dO' = dO / sum for this chunk's rows (made per pair: no second copy of dO is kept)
             d_out_s = d_out_c[:, :, c.q0 : c.q1].reshape(z * kh, rows, e) * inv_l[:, r0:r1]
-            dv_j.baddbmm_(pd.transpose(1, 2), d_out_s)
-            dp = dp_buf[: z * kh * rows * kc].view(z * kh, rows, kc)
-            torch.bmm(d_out_s, vj.transpose(1, 2), out=dp)
+            dv_j[:, c0:c1].baddbmm_(pd.transpose(1, 2), d_out_s)
+            dp = dp_buf[: z * kh * rows * tc].view(z * kh, rows, tc)
+            torch.bmm(d_out_s, vt.transpose(1, 2), out=dp)
             if cfg.dropout:
                 dp.mul_(drop)
             ds = dp.sub_(delta_s[:, r0:r1]).mul_(p)
@@ -439,14 +453,14 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops, seed, out, row_max, r
                     _accumulate_bias_grad(dbias, grads[1], cfg, c)
             else:
                 if mask_c is not None and cfg.mask_fill == "min":
-                    ds5 = ds.view(z, kh, c.q1 - c.q0, g, kc)
+                    ds5 = ds.view(z, kh, c.q1 - c.q0, g, tc)
                     ds5.masked_fill_(mask_c.logical_not(), 0.0)
                 if need_bias_grad:
-                    _accumulate_bias_grad(dbias, ds.view(z, kh, c.q1 - c.q0, g, kc), cfg, c)
+                    _accumulate_bias_grad(dbias, ds.view(z, kh, c.q1 - c.q0, g, tc), cfg, c)
                 if tanh is not None:
                     ds.mul_(1.0 - tanh.square_())
-            dq[:, :, c.q0 : c.q1].view(z * kh, rows, d).baddbmm_(ds, kj, alpha=cfg.scale)
-            dk_j.baddbmm_(ds.transpose(1, 2), qi, alpha=cfg.scale)
+            dq[:, :, c.q0 : c.q1].view(z * kh, rows, d).baddbmm_(ds, kt, alpha=cfg.scale)
+            dk_j[:, c0:c1].baddbmm_(ds.transpose(1, 2), qi, alpha=cfg.scale)
         dk[:, :, k0:k1] = dk_j.view(z, kh, kc, d)
         dv[:, :, k0:k1] = dv_j.view(z, kh, kc, e)
     dt = ops.q.dtype
