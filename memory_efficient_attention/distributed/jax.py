@@ -74,8 +74,8 @@ class _Ring:
 
 # ------------------------------------------------------------------------------------------------
 # One ring step: the block of the local queries against the key/value shard held now. Arrays are
-# in the kernel layout: q [Z, K, L, G, D], k [Z, K, S, D], v [Z, K, S, E], out [Z, K, L, G, E],
-# lse [Z, K, L, G] (compute dtype).
+# in the kernel layout: q [Z, L, K, G, D], k [Z, S, K, D], v [Z, S, K, E], out [Z, L, K, G, E],
+# lse [Z, L, K, G] (compute dtype).
 # ------------------------------------------------------------------------------------------------
 
 
@@ -103,10 +103,10 @@ def _block_forward(ring: _Ring, relation: str, q, k, v):
     blk = ring.block(relation)
     if blk is None:
         return out, lse
-    ops = Operands(q[:, :, blk.q0 : blk.q1], k[:, :, blk.k0 : blk.k1], v[:, :, blk.k0 : blk.k1])
+    ops = Operands(q[:, blk.q0 : blk.q1], k[:, blk.k0 : blk.k1], v[:, blk.k0 : blk.k1])
     o, row_max, row_sum = attention_forward(ring.config(blk), ring.mods, ops)
-    out = out.at[:, :, blk.q0 : blk.q1].set(o.astype(cdt))
-    return out, lse.at[:, :, blk.q0 : blk.q1].set(log_sum_exp(row_max, row_sum).astype(cdt))
+    out = out.at[:, blk.q0 : blk.q1].set(o.astype(cdt))
+    return out, lse.at[:, blk.q0 : blk.q1].set(log_sum_exp(row_max, row_sum).astype(cdt))
 
 
 def _block_backward(ring: _Ring, relation: str, q, k, v, out, lse, d_out):
@@ -124,17 +124,17 @@ def _block_backward(ring: _Ring, relation: str, q, k, v, out, lse, d_out):
         return dq, dk, dv
     rows = slice(blk.q0, blk.q1)
     keys = slice(blk.k0, blk.k1)
-    ops = Operands(q[:, :, rows], k[:, :, keys], v[:, :, keys])
-    has_keys = lse[:, :, rows] > _NEG_INF  # a row with no key at all gets zero gradient
-    row_max = jnp.where(has_keys, lse[:, :, rows], 0.0)
+    ops = Operands(q[:, rows], k[:, keys], v[:, keys])
+    has_keys = lse[:, rows] > _NEG_INF  # a row with no key at all gets zero gradient
+    row_max = jnp.where(has_keys, lse[:, rows], 0.0)
     row_sum = has_keys.astype(cdt)
     dq_b, dk_b, dv_b, _, _ = attention_backward(
-        ring.config(blk), ring.mods, ops, out[:, :, rows], row_max, row_sum, d_out[:, :, rows], None
+        ring.config(blk), ring.mods, ops, out[:, rows], row_max, row_sum, d_out[:, rows], None
     )
     return (
-        dq.at[:, :, rows].set(dq_b.astype(cdt)),
-        dk.at[:, :, keys].set(dk_b.astype(cdt)),
-        dv.at[:, :, keys].set(dv_b.astype(cdt)),
+        dq.at[:, rows].set(dq_b.astype(cdt)),
+        dk.at[:, keys].set(dk_b.astype(cdt)),
+        dv.at[:, keys].set(dv_b.astype(cdt)),
     )
 
 
@@ -286,11 +286,11 @@ def ring_attention(
         axis_name, world, dims, dtype, is_causal, layout, scale, query_chunk_size, key_chunk_size, precision
     )
     z, kh, g = dims.batch_size, dims.kv_heads, dims.groups
-    q5 = query.reshape(z, dims.q_len, kh, g, dims.qk_depth).transpose(0, 2, 1, 3, 4)
-    k4 = key.reshape(z, dims.kv_len, kh, dims.qk_depth).transpose(0, 2, 1, 3)
-    v4 = value.reshape(z, dims.kv_len, kh, dims.v_depth).transpose(0, 2, 1, 3)
+    q5 = query.reshape(z, dims.q_len, kh, g, dims.qk_depth)
+    k4 = key.reshape(z, dims.kv_len, kh, dims.qk_depth)
+    v4 = value.reshape(z, dims.kv_len, kh, dims.v_depth)
     out = _ring_attention(ring, q5, k4, v4)
-    return out.transpose(0, 2, 1, 3, 4).reshape(*dims.batch, dims.q_len, dims.q_heads, dims.v_depth)
+    return out.reshape(*dims.batch, dims.q_len, dims.q_heads, dims.v_depth)
 
 
 def to_zigzag(x: jax.Array, world: int, *, axis: int = -3) -> jax.Array:

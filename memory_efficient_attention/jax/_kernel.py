@@ -1,16 +1,20 @@
 """The JAX kernel: chunked attention with online softmax and a FlashAttention-2 backward.
 
-Kernel layout (see ``memory_efficient_attention._spec``)::
+Layout (legend: ``memory_efficient_attention._spec``): the caller's sequence-major arrays with
+the batch dims merged and the query heads split by key/value head, so no O(n) copy is made::
 
-    q     [Z, K, L, G, D]     k  [Z, K, S, D]     v  [Z, K, S, E]
+    q     [Z, L, K, G, D]     k  [Z, S, K, D]     v  [Z, S, K, E]
     bias  [Zb, Hb, Lb, Sb]    mask (bool) likewise; each size 1 or full
-    out   [Z, K, L, G, E]     row_max, row_sum  [Z, K, L, G]  (compute dtype)
+    out   [Z, L, K, G, E]     row_max, row_sum  [Z, L, K, G]  (compute dtype)
+
+Each step moves its chunks head-major (``qi [Z, K, lc, G, D]``, scores ``[Z, K, lc, G, kc]``),
+the layout the PyTorch kernel gets from strided views.
 
 The same algorithm as ``memory_efficient_attention.torch._kernel``, with the same function names.
 The loops run over the pairs the static block plan keeps (empty blocks are never visited), one
 ``lax.scan`` of static length per chunk shape: a shorter last chunk has its own shape (never
 padding, never clamping), and static trip counts let every transform differentiate the loops.
-Per-row state lives in ``[Z, K, L, ...]`` buffers, so the order of the pairs does not matter.
+Per-row state lives in ``[Z, L, K, ...]`` buffers, so the order of the pairs does not matter.
 Lengths and segments skip blocks at run time with ``lax.cond``. The backward
 differentiates the chunk's score pipeline with ``jax.vjp`` (matmul, soft cap, bias, callbacks,
 mods and masks in one function), so every feature has its gradient from one definition.
@@ -49,9 +53,9 @@ class Mods(NamedTuple):
 class Operands(NamedTuple):
     """Kernel-layout arrays of one call (legend: ``memory_efficient_attention._spec``)."""
 
-    q: jax.Array  # [Z, K, L, G, D]
-    k: jax.Array  # [Z, K, S, D]
-    v: jax.Array  # [Z, K, S, E]
+    q: jax.Array  # [Z, L, K, G, D]
+    k: jax.Array  # [Z, S, K, D]
+    v: jax.Array  # [Z, S, K, E]
     bias: jax.Array | None = None  # [Zb, Hb, Lb, Sb]
     mask: jax.Array | None = None  # [Zm, Hm, Lm, Sm] bool
     q_lengths: jax.Array | None = None  # [Z]
@@ -124,20 +128,27 @@ def _skip_or(ops: Operands, c: _Chunk, compute, carry):
     return lax.cond(nonempty, compute, lambda x: x, carry)
 
 
-def _rows(x, c: _Chunk):
-    """The query rows of ``c`` from a ``[Z, K, L, ...]`` buffer."""
-    return lax.dynamic_slice_in_dim(x, c.q0, c.lc, axis=2)
+def _rows(x, c: _Chunk, dtype=None):
+    """The query rows of ``c`` from a ``[Z, L, K, ...]`` array, head-major: ``[Z, K, lc, ...]``."""
+    part = jnp.swapaxes(lax.dynamic_slice_in_dim(x, c.q0, c.lc, axis=1), 1, 2)
+    return part if dtype is None else part.astype(dtype)
 
 
-def _keys(x, c: _Chunk):
-    """The key rows of ``c`` from a ``[Z, K, S, ...]`` buffer."""
-    return lax.dynamic_slice_in_dim(x, c.k0, c.kc, axis=2)
+def _keys(x, c: _Chunk, dtype=None):
+    """The keys of ``c`` from a ``[Z, S, K, ...]`` array, head-major: ``[Z, K, kc, ...]``."""
+    part = jnp.swapaxes(lax.dynamic_slice_in_dim(x, c.k0, c.kc, axis=1), 1, 2)
+    return part if dtype is None else part.astype(dtype)
 
 
-def _add_at(x, part, start, axis: int = 2):
-    """``x[..., start:start+n, ...] += part`` along ``axis``."""
-    cur = lax.dynamic_slice_in_dim(x, start, part.shape[axis], axis=axis)
-    return lax.dynamic_update_slice_in_dim(x, cur + part.astype(x.dtype), start, axis=axis)
+def _put(x, part, start):
+    """``x[:, start:start+n] = part`` for a head-major chunk ``part [Z, K, n, ...]``."""
+    return lax.dynamic_update_slice_in_dim(x, jnp.swapaxes(part, 1, 2).astype(x.dtype), start, axis=1)
+
+
+def _add_at(x, part, start):
+    """``x[:, start:start+n] += part`` for a head-major chunk ``part [Z, K, n, ...]``."""
+    cur = lax.dynamic_slice_in_dim(x, start, part.shape[2], axis=1)
+    return lax.dynamic_update_slice_in_dim(x, cur + jnp.swapaxes(part, 1, 2).astype(x.dtype), start, axis=1)
 
 
 def _pair_nonempty(ops: Operands, c: _Chunk):
@@ -369,24 +380,19 @@ def _dropout_scale(shape, cfg: KernelConfig, key_data, c: _Chunk, dtype):
 # ------------------------------------------------------------------------------------------------
 
 
-def _cast_inputs(cfg: KernelConfig, ops: Operands):
-    cdt = jnp.dtype(cfg.compute_dtype)
-    return cdt, ops.q.astype(cdt), ops.k.astype(cdt), ops.v.astype(cdt)
-
-
 def attention_forward(cfg: KernelConfig, mods: Mods, ops: Operands):
-    """Returns ``out [Z, K, L, G, E]`` (input dtype), ``row_max``, ``row_sum`` ``[Z, K, L, G]``.
+    """Returns ``out [Z, L, K, G, E]`` (input dtype), ``row_max``, ``row_sum`` ``[Z, L, K, G]``.
 
-    The running max, sum and accumulator of every row live in ``[Z, K, L, ...]`` buffers; each
-    pair reads and writes back the rows of its query chunk."""
+    The running max, sum and accumulator of every row live in ``[Z, L, K, ...]`` buffers; each
+    tile reads and writes back the rows of its query chunk."""
     dims = cfg.dims
     z, kh, g, e = dims.batch_size, dims.kv_heads, dims.groups, dims.v_depth
-    cdt, q, k, v = _cast_inputs(cfg, ops)
+    cdt = jnp.dtype(cfg.compute_dtype)
 
     def pair(c: _Chunk, state):
         def compute(state):
             m_all, l_all, acc_all = state
-            qi, kj, bias_s = _rows(q, c), _keys(k, c), _operand_slice(ops.bias, c)
+            qi, kj, bias_s = _rows(ops.q, c, cdt), _keys(ops.k, c, cdt), _operand_slice(ops.bias, c)
             s = _scores(cfg, mods, ops, c, qi, kj, bias_s, ops.data)
             m, l, acc = _rows(m_all, c), _rows(l_all, c), _rows(acc_all, c)
             # The running max only stabilises (the result does not depend on it).
@@ -397,20 +403,17 @@ def attention_forward(cfg: KernelConfig, mods: Mods, ops: Operands):
             l = alpha * l + p.sum(axis=-1)
             if cfg.dropout:
                 p = p * _dropout_scale(p.shape, cfg, ops.dropout_key, c, cdt)
-            acc = alpha[..., None] * acc + jnp.einsum(
-                "zklgs,zkse->zklge", p, _keys(v, c), precision=mods.precision
-            )
-            put = lax.dynamic_update_slice_in_dim
-            return put(m_all, m_new, c.q0, 2), put(l_all, l, c.q0, 2), put(acc_all, acc, c.q0, 2)
+            acc = alpha[..., None] * acc + _matmul("zklgs,zkse->zklge", p, _keys(ops.v, c, cdt), mods)
+            return _put(m_all, m_new, c.q0), _put(l_all, l, c.q0), _put(acc_all, acc, c.q0)
 
         return _skip_or(ops, c, compute, state)
 
     init = (
-        jnp.full((z, kh, dims.q_len, g), _NEG_INF, cdt),
-        jnp.zeros((z, kh, dims.q_len, g), cdt),
-        jnp.zeros((z, kh, dims.q_len, g, e), cdt),
+        jnp.full((z, dims.q_len, kh, g), _NEG_INF, cdt),
+        jnp.zeros((z, dims.q_len, kh, g), cdt),
+        jnp.zeros((z, dims.q_len, kh, g, e), cdt),
     )
-    m, l, acc = _pair_loop(cfg, pair, _varying_like(init, q, k, v))
+    m, l, acc = _pair_loop(cfg, pair, _varying_like(init, ops.q, ops.k, ops.v))
     m_safe = jnp.where(m == _NEG_INF, 0.0, m).astype(cdt)
     kept = l > 0
     out = acc / jnp.where(kept, l, 1.0)[..., None] * kept[..., None]
@@ -429,7 +432,7 @@ def log_sum_exp(row_max, row_sum):
 
 
 def attention_backward(cfg: KernelConfig, mods: Mods, ops: Operands, out, row_max, row_sum, d_out, d_lse):
-    """Gradients ``dq, dk, dv`` (kernel layout, input dtype), ``dbias`` (its own shape) and the
+    """Gradients ``dq, dk, dv`` (layout of q, k, v; their dtype), ``dbias`` (its own shape) and the
     gradient of the callbacks' ``data`` (float leaves; zeros elsewhere).
 
     Rows are scaled by 1/sum: P = exp(s - max) / sum, so with dO' = dO / sum and D' = D / sum,
@@ -437,13 +440,11 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops: Operands, out, row_ma
     ``d_lse`` enters as ``D - d_lse`` (d lse / d s = P)."""
     dims = cfg.dims
     z, kh, g, d, e = dims.batch_size, dims.kv_heads, dims.groups, dims.qk_depth, dims.v_depth
-    cdt, q, k, v = _cast_inputs(cfg, ops)
+    cdt = jnp.dtype(cfg.compute_dtype)
     inv_l = jnp.where(row_sum > 0, 1.0 / jnp.where(row_sum > 0, row_sum, 1.0), 0.0).astype(cdt)
-    d_out = d_out.astype(cdt)
-    delta = (d_out * out.astype(cdt)).sum(axis=-1)
+    delta = jnp.einsum("zlkge,zlkge->zlkg", d_out.astype(cdt), out.astype(cdt))
     if d_lse is not None:
         delta = delta - jnp.nan_to_num(d_lse.astype(cdt), nan=0.0, posinf=0.0, neginf=0.0)
-    d_out_s = d_out * inv_l[..., None]
     delta_s = delta * inv_l
     data_grad_mask, data_zero = _data_grad_setup(ops.data)
 
@@ -452,8 +453,10 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops: Operands, out, row_ma
     def pair(c: _Chunk, carry):
         def compute(carry):
             dq, dk, dv, dbias, ddata = carry
-            qi, kj, vj = _rows(q, c) * scale, _keys(k, c), _keys(v, c)
-            do_i, dl_i = _rows(d_out_s, c), _rows(delta_s, c)
+            qi, kj, vj = _rows(ops.q, c, cdt) * scale, _keys(ops.k, c, cdt), _keys(ops.v, c, cdt)
+            # dO' = dO / sum, made per tile (no scaled copy of dO is kept)
+            do_i = _rows(d_out, c, cdt) * _rows(inv_l, c)[..., None]
+            dl_i = _rows(delta_s, c)
             # Transposed scores [Z, K, kc, lc, G]: every large matmul operand is then row-major
             # for XLA's dot (no transposed copy of a chunk), and the small ones are transposed.
             s = _matmul("zksd,zklgd->zkslg", kj, qi, mods)
@@ -489,13 +492,13 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops: Operands, out, row_ma
         return _skip_or(ops, c, compute, carry)
 
     init = (
-        jnp.zeros((z, kh, dims.q_len, g, d), cdt),
-        jnp.zeros((z, kh, dims.kv_len, d), cdt),
-        jnp.zeros((z, kh, dims.kv_len, e), cdt),
+        jnp.zeros((z, dims.q_len, kh, g, d), cdt),
+        jnp.zeros((z, dims.kv_len, kh, d), cdt),
+        jnp.zeros((z, dims.kv_len, kh, e), cdt),
         None if ops.bias is None else jnp.zeros(ops.bias.shape, ops.bias.dtype),
         data_zero,
     )
-    dq, dk, dv, dbias, ddata = _pair_loop(cfg, pair, _varying_like(init, q, k, v, d_out))
+    dq, dk, dv, dbias, ddata = _pair_loop(cfg, pair, _varying_like(init, ops.q, ops.k, ops.v, d_out))
     dt = ops.q.dtype
     ddata = _data_merge_grad(ops.data, ddata, data_grad_mask)
     return dq.astype(dt), dk.astype(dt), dv.astype(dt), dbias, ddata
