@@ -1,4 +1,4 @@
-"""The differentiation boundary: one ``jax.custom_vjp`` over kernel-layout arrays ([Z, L, K, ...], see ``_kernel``).
+"""The differentiation boundary: one ``jax.custom_vjp`` over kernel-layout arrays (see ``_kernel``).
 
 Everything outside it (layout changes, broadcasting of masks and biases) is ordinary JAX code,
 so autodiff carries gradients back to the caller's shapes.
