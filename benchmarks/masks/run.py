@@ -1,4 +1,5 @@
-"""Block skipping, measured: causal and sliding-window attention against unmasked, same run.
+"""Block skipping, measured: causal and sliding-window attention against unmasked, same run
+(and torch SDPA's own causal against unmasked, for reference).
 
 Interleaved repeats (full, causal, window, full, ...), medians; forward+backward, float32,
 batch 1, 8 heads, depth 64. Usage: python benchmarks/masks/run.py [n] [window] [repeats]
@@ -49,9 +50,19 @@ def main() -> None:
 
         return run
 
+    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_(True) for x in (q, k, v))
+
+    def sdpa_case(kw):  # torch's fused kernel, for reference: it has no window argument
+        def run():
+            out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, **kw)
+            out.backward(torch.ones_like(out))
+
+        return run
+
     results = {}
-    for framework, make in (("torch", torch_case), ("jax", jax_case)):
-        cases = {name: make(kw) for name, kw in variants.items()}
+    for framework, make in (("torch", torch_case), ("jax", jax_case), ("sdpa", sdpa_case)):
+        kinds = variants if framework != "sdpa" else {k: variants[k] for k in ("full", "causal")}
+        cases = {name: make(kw) for name, kw in kinds.items()}
         for run in cases.values():
             run()  # warm up / compile
         times = {name: [] for name in cases}
