@@ -23,7 +23,7 @@ Kernel layout (private): query ``[Z, K, L, G, D]``, key ``[Z, K, S, D]``, value 
 a query chunk ``[:, :, l0:l1]`` is then one strided view ``[Z*K, (l1-l0)*G, D]`` for a batched
 matmul against a key chunk, so grouped heads never repeat K/V. The PyTorch kernel takes these
 as strided views of the caller's arrays; JAX has no views, so its kernel takes the sequence-major
-``[Z, L, K, G, D]`` / ``[Z, S, K, D]`` and moves each chunk head-major inside the step (no O(n)
+``[Z, L, H, D]`` / ``[Z, S, K, D]`` and moves each chunk head-major inside the step (no O(n)
 copy). A bias or mask becomes ``[Zb, Hb, Lb, Sb]`` where each size is 1 (broadcast) or the full
 size.
 """

@@ -74,8 +74,8 @@ class _Ring:
 
 # ------------------------------------------------------------------------------------------------
 # One ring step: the block of the local queries against the key/value shard held now. Arrays are
-# in the kernel layout: q [Z, L, K, G, D], k [Z, S, K, D], v [Z, S, K, E], out [Z, L, K, G, E],
-# lse [Z, L, K, G] (compute dtype).
+# in the kernel layout: q [Z, L, H, D], k [Z, S, K, D], v [Z, S, K, E], out [Z, L, H, E],
+# lse [Z, L, H] (compute dtype).
 # ------------------------------------------------------------------------------------------------
 
 
@@ -285,11 +285,11 @@ def ring_attention(
     ring = _Ring(
         axis_name, world, dims, dtype, is_causal, layout, scale, query_chunk_size, key_chunk_size, precision
     )
-    z, kh, g = dims.batch_size, dims.kv_heads, dims.groups
-    q5 = query.reshape(z, dims.q_len, kh, g, dims.qk_depth)
+    z, kh = dims.batch_size, dims.kv_heads
+    q4 = query.reshape(z, dims.q_len, dims.q_heads, dims.qk_depth)
     k4 = key.reshape(z, dims.kv_len, kh, dims.qk_depth)
     v4 = value.reshape(z, dims.kv_len, kh, dims.v_depth)
-    out = _ring_attention(ring, q5, k4, v4)
+    out = _ring_attention(ring, q4, k4, v4)
     return out.reshape(*dims.batch, dims.q_len, dims.q_heads, dims.v_depth)
 
 

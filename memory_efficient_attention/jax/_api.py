@@ -92,7 +92,7 @@ def _attention(q5, k4, v4, dims: Dims, *, mask=None, bias=None, mask_fill="min",
                key_segment_ids=None, score_mod=None, mask_mod=None, logits_soft_cap=None,
                dropout_rate=0.0, dropout_rng=None, calc_fns=(None, None, None), calc_fn_data=None,
                autodiff="vjp"):  # fmt: skip
-    """Validate the rest, build the config and run the kernel on q/k/v in its layout ([Z, L, K, ...])."""
+    """Validate the rest, build the config and run the kernel on q/k/v in its layout ([Z, L, H, ...])."""
     qlen = _int_array("query_seq_lengths", query_seq_lengths)
     kvlen = _int_array("key_value_seq_lengths", key_value_seq_lengths)
     qseg = _int_array("query_segment_ids", query_segment_ids)
@@ -231,12 +231,12 @@ def efficient_dot_product_attention(
     """
     query, key, value = _check_qkv(query, key, value)
     dims = seed_dims(query.shape, key.shape, value.shape)
-    z, kh, g = dims.batch_size, dims.kv_heads, dims.groups
-    q5 = query.reshape(z, dims.q_len, kh, g, dims.qk_depth)
+    z, kh = dims.batch_size, dims.kv_heads
+    q4 = query.reshape(z, dims.q_len, dims.q_heads, dims.qk_depth)
     k4 = key.reshape(z, dims.kv_len, kh, dims.qk_depth)
     v4 = value.reshape(z, dims.kv_len, kh, dims.v_depth)
     out, lse = _attention(
-        q5, k4, v4, dims, mask=mask, bias=bias, mask_fill="min", precision=precision,
+        q4, k4, v4, dims, mask=mask, bias=bias, mask_fill="min", precision=precision,
         query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size,
         memory_budget=memory_budget, scale=scale, is_causal=is_causal,
         causal_alignment=causal_alignment, local_window_size=local_window_size,
@@ -326,22 +326,22 @@ def dot_product_attention(
     if bias is not None:
         bias = ensure_4d(jnp.asarray(bias))
     dims = seed_dims(query.shape, key.shape, value.shape)
-    z, kh, g = dims.batch_size, dims.kv_heads, dims.groups
-    q5 = query.reshape(z, dims.q_len, kh, g, dims.qk_depth)
-    k4, v4 = key, value
+    z, g = dims.batch_size, dims.groups
+    q4, k4, v4 = query, key, value
     out, lse = _attention(
-        q5, k4, v4, dims, mask=mask, bias=bias, mask_fill="exclude", scale=scale,
+        q4, k4, v4, dims, mask=mask, bias=bias, mask_fill="exclude", scale=scale,
         is_causal=is_causal, local_window_size=local_window_size,
         query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
     )  # fmt: skip
     # jax's rule for rows with no key left: every logit is the same finite number, so the row
     # averages all values (and its lse is that number + log S).
-    empty = lse == -jnp.inf  # [Z, T, K, G]
-    mean_v = v4.astype(jnp.promote_types(v4.dtype, jnp.float32)).mean(axis=1)  # [Z, K, E]
-    out = jnp.where(empty[..., None], mean_v[:, None, :, None, :].astype(out.dtype), out)
+    empty = lse == -jnp.inf  # [Z, T, N]
+    mean_v = v4.astype(jnp.promote_types(v4.dtype, jnp.float32)).mean(axis=1)  # [Z, K, H]
+    mean_v = jnp.repeat(mean_v, g, axis=1)  # query head n = k * G + g
+    out = jnp.where(empty[..., None], mean_v[:, None].astype(out.dtype), out)
     if query_seq_lengths is not None:
-        rows = jnp.arange(dims.q_len).reshape(1, -1, 1, 1, 1)
-        out = out * (rows < jnp.asarray(query_seq_lengths).reshape(z, 1, 1, 1, 1)).astype(out.dtype)
+        rows = jnp.arange(dims.q_len).reshape(1, -1, 1, 1)
+        out = out * (rows < jnp.asarray(query_seq_lengths).reshape(z, 1, 1, 1)).astype(out.dtype)
     out = out.reshape(output_shape)
     if not return_residual:
         return out

@@ -1,11 +1,11 @@
 """The JAX kernel: chunked attention with online softmax and a FlashAttention-2 backward.
 
 Layout (legend: ``memory_efficient_attention._spec``): the caller's sequence-major arrays with
-the batch dims merged and the query heads split by key/value head, so no O(n) copy is made::
+the batch dims merged, so no O(n) copy is made (query heads ``h = k * G + g``)::
 
-    q     [Z, L, K, G, D]     k  [Z, S, K, D]     v  [Z, S, K, E]
+    q     [Z, L, H, D]        k  [Z, S, K, D]     v  [Z, S, K, E]
     bias  [Zb, Hb, Lb, Sb]    mask (bool) likewise; each size 1 or full
-    out   [Z, L, K, G, E]     row_max, row_sum  [Z, L, K, G]  (compute dtype)
+    out   [Z, L, H, E]        row_max, row_sum  [Z, L, H]  (compute dtype)
 
 Each step moves its chunks head-major (``qi [Z, K, lc, G, D]``, scores ``[Z, K, lc, G, kc]``),
 the layout the PyTorch kernel gets from strided views.
@@ -14,7 +14,7 @@ The same algorithm as ``memory_efficient_attention.torch._kernel``, with the sam
 The loops run over the pairs the static block plan keeps (empty blocks are never visited), one
 ``lax.scan`` of static length per chunk shape: a shorter last chunk has its own shape (never
 padding, never clamping), and static trip counts let every transform differentiate the loops.
-Per-row state lives in ``[Z, L, K, ...]`` buffers, so the order of the pairs does not matter.
+Per-row state lives in ``[Z, L, H, ...]`` buffers, so the order of the pairs does not matter.
 Lengths and segments skip blocks at run time with ``lax.cond``. The backward
 differentiates the chunk's score pipeline with ``jax.vjp`` (matmul, soft cap, bias, callbacks,
 mods and masks in one function), so every feature has its gradient from one definition.
@@ -53,7 +53,7 @@ class Mods(NamedTuple):
 class Operands(NamedTuple):
     """Kernel-layout arrays of one call (legend: ``memory_efficient_attention._spec``)."""
 
-    q: jax.Array  # [Z, L, K, G, D]
+    q: jax.Array  # [Z, L, H, D]
     k: jax.Array  # [Z, S, K, D]
     v: jax.Array  # [Z, S, K, E]
     bias: jax.Array | None = None  # [Zb, Hb, Lb, Sb]
@@ -77,6 +77,7 @@ class _Chunk(NamedTuple):
     k0: Any
     kc: int
     kind: int = PARTIAL
+    groups: int = 1  # G: query heads per key/value head
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,7 +93,7 @@ def _pair_loop(cfg: KernelConfig, body, carry):
     for (lc, kc, kind), tiles in cfg.plan.pair_groups():
 
         def step(carry, t, lc=lc, kc=kc, kind=kind):
-            return body(_Chunk(t[0], t[1], t[2], lc, t[3], kc, kind), carry), None
+            return body(_Chunk(t[0], t[1], t[2], lc, t[3], kc, kind, cfg.dims.groups), carry), None
 
         xs = np.asarray([(t.i, t.j, t.q0, t.k0) for t in tiles], dtype=np.int32)
         carry, _ = lax.scan(step, carry, jnp.asarray(xs))
@@ -129,8 +130,10 @@ def _skip_or(ops: Operands, c: _Chunk, compute, carry):
 
 
 def _rows(x, c: _Chunk, dtype=None):
-    """The query rows of ``c`` from a ``[Z, L, K, ...]`` array, head-major: ``[Z, K, lc, ...]``."""
-    part = jnp.swapaxes(lax.dynamic_slice_in_dim(x, c.q0, c.lc, axis=1), 1, 2)
+    """The query rows of ``c`` from a ``[Z, L, H, ...]`` array, head-major: ``[Z, K, lc, G, ...]``."""
+    part = lax.dynamic_slice_in_dim(x, c.q0, c.lc, axis=1)
+    part = part.reshape(*part.shape[:2], -1, c.groups, *part.shape[3:])
+    part = jnp.swapaxes(part, 1, 2)
     return part if dtype is None else part.astype(dtype)
 
 
@@ -140,13 +143,25 @@ def _keys(x, c: _Chunk, dtype=None):
     return part if dtype is None else part.astype(dtype)
 
 
-def _put(x, part, start):
-    """``x[:, start:start+n] = part`` for a head-major chunk ``part [Z, K, n, ...]``."""
-    return lax.dynamic_update_slice_in_dim(x, jnp.swapaxes(part, 1, 2).astype(x.dtype), start, axis=1)
+def _seq_major(part):
+    """A head-major rows chunk ``[Z, K, n, G, ...]`` -> ``[Z, n, H, ...]``."""
+    z, kh, n, g = part.shape[:4]
+    return jnp.swapaxes(part, 1, 2).reshape(z, n, kh * g, *part.shape[4:])
 
 
-def _add_at(x, part, start):
-    """``x[:, start:start+n] += part`` for a head-major chunk ``part [Z, K, n, ...]``."""
+def _put_rows(x, part, start):
+    """``x[:, start:start+n] = part`` for a head-major rows chunk ``part [Z, K, n, G, ...]``."""
+    return lax.dynamic_update_slice_in_dim(x, _seq_major(part).astype(x.dtype), start, axis=1)
+
+
+def _add_rows(x, part, start):
+    """``x[:, start:start+n] += part`` for a head-major rows chunk ``part [Z, K, n, G, ...]``."""
+    cur = lax.dynamic_slice_in_dim(x, start, part.shape[2], axis=1)
+    return lax.dynamic_update_slice_in_dim(x, cur + _seq_major(part).astype(x.dtype), start, axis=1)
+
+
+def _add_keys(x, part, start):
+    """``x[:, start:start+n] += part`` for a head-major keys chunk ``part [Z, K, n, ...]``."""
     cur = lax.dynamic_slice_in_dim(x, start, part.shape[2], axis=1)
     return lax.dynamic_update_slice_in_dim(x, cur + jnp.swapaxes(part, 1, 2).astype(x.dtype), start, axis=1)
 
@@ -381,12 +396,12 @@ def _dropout_scale(shape, cfg: KernelConfig, key_data, c: _Chunk, dtype):
 
 
 def attention_forward(cfg: KernelConfig, mods: Mods, ops: Operands):
-    """Returns ``out [Z, L, K, G, E]`` (input dtype), ``row_max``, ``row_sum`` ``[Z, L, K, G]``.
+    """Returns ``out [Z, L, H, E]`` (input dtype), ``row_max``, ``row_sum`` ``[Z, L, H]``.
 
-    The running max, sum and accumulator of every row live in ``[Z, L, K, ...]`` buffers; each
+    The running max, sum and accumulator of every row live in ``[Z, L, H, ...]`` buffers; each
     tile reads and writes back the rows of its query chunk."""
     dims = cfg.dims
-    z, kh, g, e = dims.batch_size, dims.kv_heads, dims.groups, dims.v_depth
+    z, h, e = dims.batch_size, dims.q_heads, dims.v_depth
     cdt = jnp.dtype(cfg.compute_dtype)
 
     def pair(c: _Chunk, state):
@@ -404,14 +419,14 @@ def attention_forward(cfg: KernelConfig, mods: Mods, ops: Operands):
             if cfg.dropout:
                 p = p * _dropout_scale(p.shape, cfg, ops.dropout_key, c, cdt)
             acc = alpha[..., None] * acc + _matmul("zklgs,zkse->zklge", p, _keys(ops.v, c, cdt), mods)
-            return _put(m_all, m_new, c.q0), _put(l_all, l, c.q0), _put(acc_all, acc, c.q0)
+            return _put_rows(m_all, m_new, c.q0), _put_rows(l_all, l, c.q0), _put_rows(acc_all, acc, c.q0)
 
         return _skip_or(ops, c, compute, state)
 
     init = (
-        jnp.full((z, dims.q_len, kh, g), _NEG_INF, cdt),
-        jnp.zeros((z, dims.q_len, kh, g), cdt),
-        jnp.zeros((z, dims.q_len, kh, g, e), cdt),
+        jnp.full((z, dims.q_len, h), _NEG_INF, cdt),
+        jnp.zeros((z, dims.q_len, h), cdt),
+        jnp.zeros((z, dims.q_len, h, e), cdt),
     )
     m, l, acc = _pair_loop(cfg, pair, _varying_like(init, ops.q, ops.k, ops.v))
     m_safe = jnp.where(m == _NEG_INF, 0.0, m).astype(cdt)
@@ -439,10 +454,10 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops: Operands, out, row_ma
     dV = P~^T dO', dP' = dO' V^T, dS = P~ * (dP' - D'), P~ = exp(s - max): exact for every row.
     ``d_lse`` enters as ``D - d_lse`` (d lse / d s = P)."""
     dims = cfg.dims
-    z, kh, g, d, e = dims.batch_size, dims.kv_heads, dims.groups, dims.qk_depth, dims.v_depth
+    z, h, kh, d, e = dims.batch_size, dims.q_heads, dims.kv_heads, dims.qk_depth, dims.v_depth
     cdt = jnp.dtype(cfg.compute_dtype)
     inv_l = jnp.where(row_sum > 0, 1.0 / jnp.where(row_sum > 0, row_sum, 1.0), 0.0).astype(cdt)
-    delta = jnp.einsum("zlkge,zlkge->zlkg", d_out.astype(cdt), out.astype(cdt))
+    delta = jnp.einsum("zlhe,zlhe->zlh", d_out.astype(cdt), out.astype(cdt))
     if d_lse is not None:
         delta = delta - jnp.nan_to_num(d_lse.astype(cdt), nan=0.0, posinf=0.0, neginf=0.0)
     delta_s = delta * inv_l
@@ -487,12 +502,12 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops: Operands, out, row_ma
                 ddata = jax.tree.map(jnp.add, ddata, ddata_f)
             dkj = _matmul("zkslg,zklgd->zksd", ds, qi, mods)
             dqi = _matmul("zksd,zkslg->zkdlg", kj * scale, ds, mods).transpose(0, 1, 3, 4, 2)
-            return _add_at(dq, dqi, c.q0), _add_at(dk, dkj, c.k0), _add_at(dv, dv_j, c.k0), dbias, ddata
+            return _add_rows(dq, dqi, c.q0), _add_keys(dk, dkj, c.k0), _add_keys(dv, dv_j, c.k0), dbias, ddata
 
         return _skip_or(ops, c, compute, carry)
 
     init = (
-        jnp.zeros((z, dims.q_len, kh, g, d), cdt),
+        jnp.zeros((z, dims.q_len, h, d), cdt),
         jnp.zeros((z, dims.kv_len, kh, d), cdt),
         jnp.zeros((z, dims.kv_len, kh, e), cdt),
         None if ops.bias is None else jnp.zeros(ops.bias.shape, ops.bias.dtype),
