@@ -201,7 +201,7 @@ class BlockPlan:
     q_chunk: int
     k_chunk: int
     kinds: tuple[tuple[int, ...], ...] = field(repr=False)
-    mask: StructuredMask | None = field(default=None, repr=False)
+    mask: StructuredMask = field(repr=False)
     min_tile: int = 0
 
     @classmethod
@@ -224,8 +224,6 @@ class BlockPlan:
         if kind == EMPTY:
             return []
         t = Tile(i, j, *self.q_bounds(i), *self.k_bounds(j), kind)
-        if self.mask is None:
-            return [t]
         return sorted(_split(self.mask, t, self.min_tile), key=lambda x: (x.q0, x.k0))
 
     @property

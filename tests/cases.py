@@ -220,6 +220,7 @@ GRID = (
 
 # Structured masks (they exclude keys), score_mod, soft cap and their combinations.
 _S = dict(batch=(2,), L=29, S=37, H=4, K=2, D=8, E=8, q_chunk=8, k_chunk=16)
+_T = dict(batch=(1,), H=2, q_chunk=512, k_chunk=512)
 _STRUCTURED = [
     Case("causal_tl", **_S, is_causal=True),
     Case("causal_br", **_S, is_causal=True, causal_alignment="bottom_right"),
@@ -266,40 +267,23 @@ _STRUCTURED = [
         causal_alignment="bottom_right",
     ),
     # Lengths past 512-chunks: partial pairs split into 256-tiles (``_chunks.tile_size``).
-    Case(
-        "tiles_causal_br",
-        batch=(1,),
-        L=700,
-        S=600,
-        H=2,
-        K=1,
-        q_chunk=512,
-        k_chunk=512,
-        is_causal=True,
-        causal_alignment="bottom_right",
-    ),
+    Case("tiles_causal_br", **_T, L=700, S=600, K=1, is_causal=True, causal_alignment="bottom_right"),
     Case(
         "tiles_window_bias",
-        batch=(1,),
+        **_T,
         L=700,
         S=600,
-        H=2,
         K=2,
-        q_chunk=512,
-        k_chunk=512,
         local_window_size=(200, 0),
         bias_shape=(1, 2, 700, 600),
         logits_soft_cap=3.0,
     ),
     Case(
         "tiles_causal_lengths",
-        batch=(2,),
+        **{**_T, "batch": (2,)},
         L=530,
         S=530,
-        H=2,
         K=2,
-        q_chunk=512,
-        k_chunk=512,
         is_causal=True,
         kv_lengths="random",
         score_mod="alibi",

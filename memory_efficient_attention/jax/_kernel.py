@@ -149,21 +149,14 @@ def _seq_major(part):
     return jnp.swapaxes(part, 1, 2).reshape(z, n, kh * g, *part.shape[4:])
 
 
-def _put_rows(x, part, start):
-    """``x[:, start:start+n] = part`` for a head-major rows chunk ``part [Z, K, n, G, ...]``."""
-    return lax.dynamic_update_slice_in_dim(x, _seq_major(part).astype(x.dtype), start, axis=1)
+def _put_at(x, part, start):
+    """``x[:, start:start+n] = part`` for a sequence-major chunk ``part [Z, n, ...]``."""
+    return lax.dynamic_update_slice_in_dim(x, part.astype(x.dtype), start, axis=1)
 
 
-def _add_rows(x, part, start):
-    """``x[:, start:start+n] += part`` for a head-major rows chunk ``part [Z, K, n, G, ...]``."""
-    cur = lax.dynamic_slice_in_dim(x, start, part.shape[2], axis=1)
-    return lax.dynamic_update_slice_in_dim(x, cur + _seq_major(part).astype(x.dtype), start, axis=1)
-
-
-def _add_keys(x, part, start):
-    """``x[:, start:start+n] += part`` for a head-major keys chunk ``part [Z, K, n, ...]``."""
-    cur = lax.dynamic_slice_in_dim(x, start, part.shape[2], axis=1)
-    return lax.dynamic_update_slice_in_dim(x, cur + jnp.swapaxes(part, 1, 2).astype(x.dtype), start, axis=1)
+def _add_at(x, part, start):
+    """``x[:, start:start+n] += part`` for a sequence-major chunk ``part [Z, n, ...]``."""
+    return _put_at(x, lax.dynamic_slice_in_dim(x, start, part.shape[1], axis=1) + part, start)
 
 
 def _pair_nonempty(ops: Operands, c: _Chunk):
@@ -419,7 +412,11 @@ def attention_forward(cfg: KernelConfig, mods: Mods, ops: Operands):
             if cfg.dropout:
                 p = p * _dropout_scale(p.shape, cfg, ops.dropout_key, c, cdt)
             acc = alpha[..., None] * acc + _matmul("zklgs,zkse->zklge", p, _keys(ops.v, c, cdt), mods)
-            return _put_rows(m_all, m_new, c.q0), _put_rows(l_all, l, c.q0), _put_rows(acc_all, acc, c.q0)
+            return (
+                _put_at(m_all, _seq_major(m_new), c.q0),
+                _put_at(l_all, _seq_major(l), c.q0),
+                _put_at(acc_all, _seq_major(acc), c.q0),
+            )
 
         return _skip_or(ops, c, compute, state)
 
@@ -502,7 +499,10 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops: Operands, out, row_ma
                 ddata = jax.tree.map(jnp.add, ddata, ddata_f)
             dkj = _matmul("zkslg,zklgd->zksd", ds, qi, mods)
             dqi = _matmul("zksd,zkslg->zkdlg", kj * scale, ds, mods).transpose(0, 1, 3, 4, 2)
-            return _add_rows(dq, dqi, c.q0), _add_keys(dk, dkj, c.k0), _add_keys(dv, dv_j, c.k0), dbias, ddata
+            dq = _add_at(dq, _seq_major(dqi), c.q0)
+            dk = _add_at(dk, jnp.swapaxes(dkj, 1, 2), c.k0)
+            dv = _add_at(dv, jnp.swapaxes(dv_j, 1, 2), c.k0)
+            return dq, dk, dv, dbias, ddata
 
         return _skip_or(ops, c, compute, carry)
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .._config import KernelConfig, chunk_keep
-from .._masks import EMPTY, PARTIAL
+from .._masks import EMPTY, PARTIAL, Tile
 
 _NEG_INF = float("-inf")
 _LOG2E = 1.4426950408889634
@@ -105,20 +105,7 @@ def _chunk_to_seed(x: torch.Tensor | None, cfg: KernelConfig):
     return x.permute(0, 1, 3, 2, 4).reshape(*batch, kb * gb, lb, sb)
 
 
-@dataclass
-class _Chunk:
-    """Where one (query chunk, key chunk) pair sits: bounds, kind and index grids."""
-
-    i: int
-    j: int
-    q0: int
-    q1: int
-    k0: int
-    k1: int
-    kind: int
-
-
-def _index_grids(cfg: KernelConfig, c: _Chunk, device):
+def _index_grids(cfg: KernelConfig, c: Tile, device):
     dims = cfg.dims
     q_idx = torch.arange(c.q0, c.q1, device=device).view(1, 1, -1, 1, 1)
     k_idx = torch.arange(c.k0, c.k1, device=device).view(1, 1, 1, 1, -1)
@@ -139,7 +126,7 @@ def _fill_value(cfg: KernelConfig, dtype) -> float:
     return torch.finfo(dtype).min if cfg.mask_fill == "min" else _NEG_INF
 
 
-def _transform_scores(s, cfg: KernelConfig, mods: Mods, ops, c: _Chunk, bias_c, mask_c):
+def _transform_scores(s, cfg: KernelConfig, mods: Mods, ops, c: Tile, bias_c, mask_c):
     dims = cfg.dims
     s5 = s.view(dims.batch_size, dims.kv_heads, c.q1 - c.q0, dims.groups, c.k1 - c.k0)
     unit = _unit(mods)
@@ -184,7 +171,7 @@ def _transform_scores(s, cfg: KernelConfig, mods: Mods, ops, c: _Chunk, bias_c, 
     return s
 
 
-def _seed_callbacks(s5, cfg: KernelConfig, mods: Mods, c: _Chunk, bias_c, mask_c):
+def _seed_callbacks(s5, cfg: KernelConfig, mods: Mods, c: Tile, bias_c, mask_c):
     """The seed's callbacks, in the seed's order and layout ``[B..., lc, H, kc]``."""
     dims = cfg.dims
     lc, kc = c.q1 - c.q0, c.k1 - c.k0
@@ -223,7 +210,7 @@ def _seed_callbacks(s5, cfg: KernelConfig, mods: Mods, c: _Chunk, bias_c, mask_c
 # ------------------------------------------------------------------------------------------------
 
 
-def _dropout_scale(shape, cfg: KernelConfig, seed: int, c: _Chunk, device, dtype):
+def _dropout_scale(shape, cfg: KernelConfig, seed: int, c: Tile, device, dtype):
     """``keep / (1 - p)`` for one chunk, a function of (seed, i, j) alone."""
     gen = torch.Generator(device=device)
     gen.manual_seed((seed + 0x9E3779B97F4A7C15 * (c.i + 1) + 0xBF58476D1CE4E5B9 * (c.j + 1)) % 2**63)
@@ -261,7 +248,7 @@ def _pairs_nonempty(cfg: KernelConfig, ops) -> list[list[bool]] | None:
 
 def _pairs(cfg: KernelConfig, nonempty, *, by_key: bool, tiles: bool = True):
     """The tiles to compute (whole chunk pairs unless ``tiles``), grouped by query chunk
-    (forward) or by key chunk (backward): yields ``(outer, [_Chunk, ...])``."""
+    (forward) or by key chunk (backward): yields ``(outer, [Tile, ...])``."""
     plan = cfg.plan
     outer_n = plan.num_k_chunks if by_key else plan.num_q_chunks
     for o in range(outer_n):
@@ -273,9 +260,9 @@ def _pairs(cfg: KernelConfig, nonempty, *, by_key: bool, tiles: bool = True):
             if kind == EMPTY or (nonempty is not None and not nonempty[i][j]):
                 continue
             if tiles:
-                chunks.extend(_Chunk(*t) for t in plan.pair_tiles(i, j))
+                chunks.extend(plan.pair_tiles(i, j))
             else:
-                chunks.append(_Chunk(i, j, *plan.q_bounds(i), *plan.k_bounds(j), kind))
+                chunks.append(Tile(i, j, *plan.q_bounds(i), *plan.k_bounds(j), kind))
         yield o, chunks
 
 
@@ -480,7 +467,7 @@ def _scores_with_graph(s, cfg, mods, ops, c, bias_c, mask_c, need_bias_grad):
     return s_raw, final, bias_leaf
 
 
-def _accumulate_bias_grad(dbias, ds5, cfg: KernelConfig, c: _Chunk):
+def _accumulate_bias_grad(dbias, ds5, cfg: KernelConfig, c: Tile):
     """Add a chunk's dS (``[Z, K, lc, G, kc]`` or already reduced) into ``dbias [Zb, Hb, Lb, Sb]``,
     summed over the axes along which the bias broadcasts."""
     target = _operand_chunk(dbias, cfg, c.q0, c.q1, c.k0, c.k1)
