@@ -143,6 +143,157 @@ def test_generate_matches_eager():
     torch.testing.assert_close(out[NAME], out["eager"])
 
 
+SPY = register("memory_efficient_spy")
+_SEEN_MASKS: list = []
+
+
+def _spy_attention(module, query, key, value, attention_mask, **kwargs):
+    _SEEN_MASKS.append(attention_mask)
+    return attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+transformers.AttentionInterface.register(SPY, _spy_attention)
+
+CACHES = ["dynamic", "static", "offloaded", "offloaded_static", "quantized"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize("cache", CACHES)
+def test_generate_every_cache_implementation_matches_sdpa(arch, cache):
+    """``generate(cache_implementation=...)``: tokens and logits as ``"sdpa"``, structured masks.
+
+    Static caches make ``generate`` build the masks ahead (``create_masks_for_generate``) and
+    pass them back into ``forward``, where transformers reads ``attention_mask.ndim``.
+    """
+    if cache.startswith("offloaded") and not torch.cuda.is_available():
+        pytest.skip("offloaded caches need CUDA")
+    kw = dict(num_attention_heads=4, num_key_value_heads=2)
+    if arch == "llama":
+        model = _model(transformers.LlamaConfig, transformers.LlamaForCausalLM, **kw)
+    else:
+        if cache == "quantized":
+            pytest.skip("transformers' QuantizedCache supports full attention layers only")
+        model = _model(transformers.MistralConfig, transformers.MistralForCausalLM, sliding_window=4, **kw)
+    device = "cuda" if cache.startswith("offloaded") else "cpu"
+    model.to(device)
+    ids, mask = (t.to(device) for t in _batch(left=True))
+    extra = {"cache_config": {"backend": "fp8"}} if cache == "quantized" else {}
+    out = {}
+    for name in (SPY, "sdpa"):
+        model.set_attn_implementation(name)
+        _SEEN_MASKS.clear()
+        out[name] = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=7,
+            do_sample=False,
+            pad_token_id=0,
+            cache_implementation=cache,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **extra,
+        )
+        if name == SPY:  # never a silent dense fallback
+            assert _SEEN_MASKS and all(isinstance(m, StructuredAttentionMask) for m in _SEEN_MASKS)
+    torch.testing.assert_close(out[SPY].sequences, out["sdpa"].sequences)
+    ours, ref = (torch.stack(out[n].logits) for n in (SPY, "sdpa"))
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_prepared_structured_mask_is_returned_as_is():
+    m = structured_mask(2, 1, 9, q_offset=torch.tensor(8), attention_mask=torch.ones(2, 9))
+    assert m.ndim == m.dim() == 4
+    assert structured_mask(2, 1, 9, 8, attention_mask=m) is m
+    with pytest.raises(ValueError, match="prepared StructuredAttentionMask"):
+        structured_mask(2, 2, 9, 7, attention_mask=m)
+
+
+def _real_rows(weights, mask):
+    """The ``[B, H, L, S]`` entries of query rows that have a key left (not left padding)."""
+    return mask.bool()[:, None, :, None].expand_as(weights)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])
+def test_output_attentions_match_eager(arch):
+    kw = dict(num_attention_heads=4, num_key_value_heads=2)
+    if arch == "llama":
+        model = _model(transformers.LlamaConfig, transformers.LlamaForCausalLM, **kw)
+    elif arch == "mistral":
+        model = _model(transformers.MistralConfig, transformers.MistralForCausalLM, sliding_window=4, **kw)
+    else:
+        model = _model(
+            transformers.Gemma2Config,
+            transformers.Gemma2ForCausalLM,
+            head_dim=8,
+            sliding_window=5,
+            attn_logit_softcapping=1.5,
+            query_pre_attn_scalar=16,
+            **kw,
+        )
+    ids, mask = _batch(left=True)
+    probe = torch.randn(B, 4, N, N, generator=torch.Generator().manual_seed(3))
+    got, grads = {}, {}
+    for name in (NAME, "eager"):
+        model.set_attn_implementation(name)
+        model.zero_grad()
+        got[name] = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        loss = sum((w * probe)[_real_rows(w, mask)].sum() for w in got[name])
+        loss.backward()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert len(got[NAME]) == len(got["eager"]) == 2
+    for ours, ref in zip(got[NAME], got["eager"]):
+        assert ours.shape == ref.shape == (B, 4, N, N)
+        real = _real_rows(ours, mask)
+        torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=1e-5)
+        assert not ours[~real].any()  # rows with no key left: 0 (sdpa semantics), not uniform
+    for n in grads["eager"]:
+        torch.testing.assert_close(grads[NAME][n], grads["eager"][n], atol=1e-5, rtol=1e-4, msg=n)
+    # config.output_attentions reaches the attention function only through transformers' collector
+    model.config.output_attentions = True
+    for name in (NAME, "eager"):
+        model.set_attn_implementation(name)
+        with torch.no_grad():
+            got[name] = model(input_ids=ids, attention_mask=mask).attentions
+    for ours, ref in zip(got[NAME], got["eager"], strict=True):
+        real = _real_rows(ours, mask)
+        torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=1e-5)
+    model.config.output_attentions = False
+    model.set_attn_implementation(NAME)
+    assert model(input_ids=ids, attention_mask=mask).attentions is None
+
+
+def test_output_attentions_while_decoding_with_a_static_cache():
+    """Weights over the static cache's ``max_cache_len`` keys, at an offset, sliding window."""
+    model = _model(
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+    )
+    ids, mask = _batch()
+    ids, mask = ids[:1], mask[:1]  # no padding: every row has keys
+    out = {}
+    for name in (NAME, "eager"):
+        model.set_attn_implementation(name)
+        out[name] = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=0,
+            cache_implementation="static",
+            output_attentions=True,
+            return_dict_in_generate=True,
+        )
+    torch.testing.assert_close(out[NAME].sequences, out["eager"].sequences)
+    assert len(out[NAME].attentions) == len(out["eager"].attentions) == 4
+    for step_ours, step_ref in zip(out[NAME].attentions, out["eager"].attentions):
+        for ours, ref in zip(step_ours, step_ref, strict=True):
+            assert ours.shape == ref.shape
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
 def _run_with_mask(mask, q, k, v, module_causal=False):
     module = torch.nn.Module()
     module.is_causal = module_causal

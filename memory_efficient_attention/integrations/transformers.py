@@ -120,6 +120,14 @@ class StructuredAttentionMask:
     def shape(self) -> tuple[int, int, int, int]:
         return (self.batch_size, 1, self.q_length, self.kv_length)
 
+    # Tensor-like rank: transformers reads ``attention_mask.ndim`` to tell a 2-D padding mask from
+    # a prepared 4-D one (``generate`` builds the masks ahead with static caches and passes them
+    # back into the model's forward); ``structured_mask`` then returns such a mask unchanged.
+    ndim = 4
+
+    def dim(self) -> int:
+        return 4
+
     def __repr__(self) -> str:
         pattern = _recognize(self.mask_function)
         kind = "custom mask_function" if pattern is None else f"{pattern[0]}, window={pattern[1]}"
@@ -210,8 +218,17 @@ def structured_mask(
         ``dtype``, ``config``, ``device``, ``use_vmap``...): not needed.
 
     Returns:
-      A ``StructuredAttentionMask``; no ``L x S`` tensor is built.
+      A ``StructuredAttentionMask``; no ``L x S`` tensor is built. An ``attention_mask`` that is
+      already a ``StructuredAttentionMask`` (a mask prepared ahead, as ``generate`` does with
+      static caches) is returned as it is, as transformers returns a prepared 4-D tensor.
     """
+    if isinstance(attention_mask, StructuredAttentionMask):
+        if attention_mask.shape != (batch_size, 1, q_length, kv_length):
+            raise ValueError(
+                f"a prepared StructuredAttentionMask of shape {attention_mask.shape} was passed where "
+                f"transformers expects a mask of shape {(batch_size, 1, q_length, kv_length)}"
+            )
+        return attention_mask
     if isinstance(q_offset, torch.Tensor):  # static caches pass a tensor offset
         q_offset = int(q_offset)
     if attention_mask is not None:
@@ -234,7 +251,7 @@ def attention_forward(
     is_causal: bool | None = None,
     position_bias: torch.Tensor | None = None,
     **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """An ``AttentionInterface`` function computed by our O(n)-memory kernel.
 
     Args:
@@ -252,11 +269,16 @@ def attention_forward(
       softcap: ``softcap * tanh(score / softcap)`` before masking (Gemma 2).
       is_causal: overrides ``module.is_causal`` when the mask is None.
       position_bias: float ``[B or 1, H, L, S]`` added to the scores (T5-style); gets a gradient.
-      kwargs: ignored (``position_ids``, ``output_attentions``, ...), except that attention
-        sinks (``s_aux``) are not supported.
+      kwargs: ignored (``position_ids``, ...), except ``output_attentions`` (below) and
+        attention sinks (``s_aux``), which are not supported.
 
     Returns:
-      ``(out [B, L, H, E], None)``: attention weights are never materialised.
+      ``(out [B, L, H, E], weights)``. ``weights`` is None unless the attention weights were
+      asked for (``output_attentions=True`` given to the model's ``forward``, or
+      ``config.output_attentions``): then the probabilities ``[B, H, L, S]`` in the query dtype,
+      before dropout, computed key block by key block by the same kernel (an extra
+      ``O(B * H * L * S)`` result, since the caller asked for it). They match ``"eager"``'s on
+      every row with a key left; a row with no key left (left padding) is 0, not uniform.
     """
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks (s_aux) are not supported by memory-efficient attention")
@@ -301,7 +323,54 @@ def attention_forward(
     )
     kernel_args.update(structure)
     out, _ = _attention(q5, k4, v4, dims, **kernel_args)  # [B, K, L, G, E]
-    return out.permute(0, 2, 1, 3, 4).reshape(B, L, dims.q_heads, dims.v_depth), None
+    out = out.permute(0, 2, 1, 3, 4).reshape(B, L, dims.q_heads, dims.v_depth)
+    weights = None
+    if _attentions_requested(kwargs):
+        weights = _attention_weights(query, key, q5, k4, {**kernel_args, "dropout_rate": 0.0})
+    return out, weights
+
+
+def _attentions_requested(kwargs: dict[str, Any]) -> bool:
+    """Whether the caller asked for the attention weights.
+
+    transformers v5 forwards ``output_attentions=True`` given to ``forward`` down to the attention
+    function; ``config.output_attentions=True`` is not forwarded, but then its output collector
+    (``transformers.utils.output_capturing``) is collecting ``attentions``.
+    """
+    if kwargs.get("output_attentions"):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # another transformers version: only the keyword argument counts
+        return False
+    collected = _active_collector.get()
+    return isinstance(collected, dict) and any(str(k).endswith("attentions") for k in collected)
+
+
+def _attention_weights(
+    query: torch.Tensor, key: torch.Tensor, q5: torch.Tensor, k4: torch.Tensor, kernel_args: dict[str, Any]
+) -> torch.Tensor:
+    """The probabilities ``[B, H, L, S]`` (in the query dtype), computed by the kernel itself.
+
+    Running the kernel with one-hot values (value column ``c`` is key ``j0 + c``) gives the
+    columns ``j0...`` of the probability matrix with exactly the masks, bias, soft cap and
+    ``sdpa`` semantics of the output (a row with no key left is 0), and their gradients. Keys go
+    ``width`` at a time, so no ``S x S`` one-hot matrix is built; the result itself is
+    O(B * H * L * S), which the caller asked for.
+    """
+    B, H, L, _ = query.shape
+    S = key.shape[-2]
+    width = max(1, min(S, max(L, 128)))
+    blocks = []
+    for j0 in range(0, S, width):
+        c = min(width, S - j0)
+        onehot = torch.zeros(S, c, dtype=query.dtype, device=query.device)
+        onehot[torch.arange(j0, j0 + c, device=query.device), torch.arange(c, device=query.device)] = 1
+        value = onehot.expand(B, key.shape[1], S, c)
+        dims = heads_first_dims(query.shape, key.shape, value.shape, enable_gqa=True)
+        p, _ = _attention(q5, k4, value, dims, **kernel_args)  # [B, K, L, G, c]
+        blocks.append(p.permute(0, 1, 3, 2, 4).reshape(B, H, L, c))
+    return torch.cat(blocks, dim=-1)
 
 
 def register(name: str = "memory_efficient", *, structured_masks: bool = True) -> str:
