@@ -90,8 +90,11 @@ def parse_memory(budget: int | float | str | None) -> int | None:
                 f"memory_budget must be bytes or a string like '512MB' or '2GiB', got {budget!r}"
             )
         value = float(match.group(1)) * _UNITS[unit]
-    if not value > 0:
-        raise AttentionInputError(f"memory_budget must be positive, got {budget!r}")
+    if not value > 0 or not math.isfinite(value):
+        raise AttentionInputError(
+            f"memory_budget must be a positive finite number of bytes (or a string like '512MB'), "
+            f"got {budget!r}; pass None for the default ({DEFAULT_MEMORY_BUDGET // 2**20} MiB)"
+        )
     return int(value)
 
 
@@ -124,14 +127,18 @@ def choose_chunk_sizes(
     target = min(max_elems, _CPU_TARGET if device == "cpu" else _ACCELERATOR_TARGET)
 
     auto_q, auto_k = q_chunk is None, k_chunk is None
-    qc = min(dims.q_len, q_chunk or _MAX_Q_CHUNK)
-    kc = min(dims.kv_len, k_chunk or _START_K_CHUNK)
+    # An empty axis (L = 0 or S = 0) still gets a chunk size of 1: its plan has no chunks.
+    qc = max(1, min(dims.q_len, q_chunk or _MAX_Q_CHUNK))
+    kc = max(1, min(dims.kv_len, k_chunk or _START_K_CHUNK))
+    rows = max(rows, 1)
     while auto_q and qc > _MIN_CHUNK and rows * qc * kc > target:
         qc = max(_MIN_CHUNK, qc // 2)
     while auto_k and kc > _MIN_CHUNK and rows * qc * kc > target:
         kc = max(_MIN_CHUNK, kc // 2)
     while auto_k and kc < min(dims.kv_len, _MAX_K_CHUNK) and rows * qc * kc * 2 <= target:
         kc = min(dims.kv_len, kc * 2)
+    if dims.q_len == 0 or dims.kv_len == 0:
+        return qc, kc
     if band is not None:
         cap = max(64, band // 2)
         qc = min(qc, cap) if auto_q else qc

@@ -88,6 +88,12 @@ class Dims:
     def batch_size(self) -> int:
         return math.prod(self.batch)
 
+    @property
+    def empty(self) -> bool:
+        """No output element or no key: ``Z``, ``L`` or ``S`` is 0 (the kernels then return an
+        empty output, or zeros for ``S = 0``, with zero gradients)."""
+        return self.batch_size == 0 or self.q_len == 0 or self.kv_len == 0
+
     def mask_shape(self) -> tuple[int, ...]:
         """The shape a mask or bias broadcasts to: ``[B..., H, L, S]``."""
         return (*self.batch, self.q_heads, self.q_len, self.kv_len)
@@ -111,6 +117,7 @@ def _dims(
     legend: tuple[str, str, str],
     allow_gqa: bool,
     gqa_hint: str,
+    layout_hint: str = "",
 ) -> Dims:
     for name, shape, leg in zip(("query", "key", "value"), (q_shape, k_shape, v_shape), legend):
         _check_rank(name, shape, leg)
@@ -121,44 +128,45 @@ def _dims(
             raise AttentionInputError(
                 f"{name} has batch dims {describe(shape[:-3])} (shape {describe(shape)}), but query "
                 f"has {describe(batch)} (shape {describe(q_shape)}); {name} needs {leg} with the "
-                "same batch dims"
+                "same batch dims" + layout_hint
             )
-    if 0 in q_shape[-3:] or 0 in k_shape[-3:] or 0 in v_shape[-3:]:
-        # Zero-sized length/head/depth axes are valid for the originals only in corner cases
-        # we do not need to reproduce; say so clearly instead of failing deep inside a kernel.
-        for name, shape in (("query", q_shape), ("key", k_shape), ("value", v_shape)):
-            if 0 in shape[-3:]:
-                raise AttentionInputError(
-                    f"{name} has an empty length, head or depth axis: shape {describe(shape)}"
-                )
+    # Empty lengths (L = 0 or S = 0) and empty batches are valid: the kernels return an empty
+    # output, or zeros where every key is missing (S = 0), with zero gradients, as torch does.
+    # Heads and depths must not be empty: there is nothing to attend with.
+    for name, shape, leg in zip(("query", "key", "value"), (q_shape, k_shape, v_shape), legend):
+        if shape[heads_axis] == 0 or shape[-1] == 0:
+            raise AttentionInputError(
+                f"{name} has an empty head or depth axis: shape {describe(shape)}, needs {leg} "
+                "with at least one head and a depth of at least 1"
+            )
     q_len, k_len, v_len = q_shape[length_axis], k_shape[length_axis], v_shape[length_axis]
     hq, hk, hv = q_shape[heads_axis], k_shape[heads_axis], v_shape[heads_axis]
     dq, dk, dv = q_shape[-1], k_shape[-1], v_shape[-1]
     if dq != dk:
         raise AttentionInputError(
             f"query and key need the same depth D: query has shape {describe(q_shape)} "
-            f"(D={dq}), key has shape {describe(k_shape)} (D={dk})"
+            f"(D={dq}), key has shape {describe(k_shape)} (D={dk})" + layout_hint
         )
     if k_len != v_len:
         raise AttentionInputError(
             f"key and value need the same length S: key has shape {describe(k_shape)} "
-            f"(S={k_len}), value has shape {describe(v_shape)} (S={v_len})"
+            f"(S={k_len}), value has shape {describe(v_shape)} (S={v_len})" + layout_hint
         )
     if hk != hv:
         raise AttentionInputError(
             f"key and value need the same number of heads K: key has shape {describe(k_shape)} "
-            f"(K={hk}), value has shape {describe(v_shape)} (K={hv})"
+            f"(K={hk}), value has shape {describe(v_shape)} (K={hv})" + layout_hint
         )
     if hq != hk:
         if not allow_gqa:
             raise AttentionInputError(
                 f"query has {hq} heads (shape {describe(q_shape)}) but key/value have {hk} "
-                f"(shape {describe(k_shape)}); {gqa_hint}"
+                f"(shape {describe(k_shape)}); {gqa_hint}" + layout_hint
             )
         if hq % hk:
             raise AttentionInputError(
                 f"query heads H={hq} (shape {describe(q_shape)}) must be a multiple of key/value "
-                f"heads K={hk} (shape {describe(k_shape)}) for grouped-query attention"
+                f"heads K={hk} (shape {describe(k_shape)}) for grouped-query attention" + layout_hint
             )
     return Dims(batch, q_len, k_len, hq, hk, dq, dv)
 
@@ -174,6 +182,12 @@ def seed_dims(q_shape, k_shape, v_shape) -> Dims:
         legend=("[B..., L, H, D]", "[B..., S, K, D]", "[B..., S, K, E]"),
         allow_gqa=True,
         gqa_hint="",
+        layout_hint=(
+            ". These functions take the seed layout [B..., L, H, D] (length before heads): "
+            "heads-first tensors [B, H, L, D] (torch SDPA, FlexAttention) need .transpose(-3, -2) "
+            "(or use memory_efficient_attention.torch.scaled_dot_product_attention), "
+            "sequence-first tensors [L, B, H, D] need .movedim(0, -3)"
+        ),
     )
 
 
@@ -188,6 +202,11 @@ def heads_first_dims(q_shape, k_shape, v_shape, *, enable_gqa: bool) -> Dims:
         legend=("[B..., H, L, D]", "[B..., K, S, D]", "[B..., K, S, E]"),
         allow_gqa=enable_gqa,
         gqa_hint="pass enable_gqa=True for grouped-query attention",
+        layout_hint=(
+            ". This function takes torch SDPA's layout [B..., H, L, D] (heads before length): "
+            "tensors in the seed layout [B, L, H, D] need .transpose(-3, -2) (or use "
+            "efficient_dot_product_attention)"
+        ),
     )
 
 
@@ -229,14 +248,29 @@ def padded_operand_shape(shape: Sequence[int], dims: Dims) -> tuple[int, ...]:
     return padded
 
 
-def resolve_scale(scale: float | None, depth: int) -> float:
+def resolve_scale(scale, depth: int) -> float:
+    """``scale`` as a Python float (default ``1/sqrt(depth)``).
+
+    Accepts any real number: ``float``, ``int``, numpy scalars and concrete 0-d arrays (torch,
+    numpy or jax). A traced scale (under ``jax.jit``) cannot be static: the JAX functions take it
+    apart before calling this."""
     if scale is None:
         return 1.0 / math.sqrt(depth)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise AttentionInputError(f"scale must be a float or None, got {scale!r}")
-    if not math.isfinite(scale):
+    if isinstance(scale, (bool, str, bytes)):
+        raise AttentionInputError(f"scale must be a real number or None, got {scale!r}")
+    shape = getattr(scale, "shape", ())
+    if tuple(shape) != ():
+        raise AttentionInputError(f"scale must be a scalar, got an array of shape {describe(shape)}")
+    dtype_name = str(getattr(scale, "dtype", "float")).lower()
+    if "complex" in dtype_name or "bool" in dtype_name:
+        raise AttentionInputError(f"scale must be a real number or None, got {scale!r}")
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise AttentionInputError(f"scale must be a real number or None, got {scale!r}") from None
+    if not math.isfinite(value):
         raise AttentionInputError(f"scale must be finite, got {scale!r}")
-    return float(scale)
+    return value
 
 
 def check_chunk_size(name: str, value: int | None) -> int | None:
@@ -282,8 +316,79 @@ def check_dropout(rate: float) -> float:
 
 
 def check_softcap(cap: float | None) -> float | None:
+    """A soft cap ``cap * tanh(score / cap)``: a positive finite number, or None for no cap
+    (``math.inf`` would give ``inf * tanh(0)`` = NaN; pass None instead)."""
     if cap is None:
         return None
-    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
+    if isinstance(cap, (bool, str, bytes)):
         raise AttentionInputError(f"logits_soft_cap must be a positive float or None, got {cap!r}")
-    return float(cap)
+    try:
+        value = float(cap)
+    except (TypeError, ValueError):
+        raise AttentionInputError(f"logits_soft_cap must be a positive float or None, got {cap!r}") from None
+    if math.isinf(value) and value > 0:
+        raise AttentionInputError(
+            "logits_soft_cap=inf is not a cap (inf * tanh(score / inf) is NaN); pass None for no cap"
+        )
+    if not value > 0 or not math.isfinite(value):
+        raise AttentionInputError(f"logits_soft_cap must be a positive finite float or None, got {cap!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Results of user callables (score_mod, mask_mod and the seed's per-chunk callbacks)
+# --------------------------------------------------------------------------------------------
+
+
+def _dtype_kind(value) -> str | None:
+    """``"bool"``, ``"int"``, ``"float"``, ``"complex"`` or None, read off any framework's dtype
+    name (``torch.float32``, ``float32``, ``bfloat16``, ``bool``) or a Python scalar."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return None
+    name = str(dtype).removeprefix("torch.").lower()
+    for kind in ("bool", "complex", "float", "int"):
+        if kind in name:
+            return kind
+    return None
+
+
+def check_callable_result(name: str, value, need: Sequence[int], legend: str, *, want: str) -> None:
+    """Check what a user callable returned before the kernel uses it.
+
+    ``want`` is ``"bool"`` (a mask: bool only) or ``"float"`` (scores, biases, weights: float or
+    integer values). ``need`` is the shape the result must broadcast to, ``legend`` names its
+    axes. Python scalars of the right kind are accepted (they broadcast). Raises ``TypeError`` for
+    a wrong type or dtype and ``AttentionInputError`` for a shape that does not broadcast.
+
+    >>> check_callable_result("mask_mod", None, (2, 8), "[lc, kc]", want="bool")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: mask_mod returned None; it must return a bool array ... (did you forget `return`?)
+    """
+    need = tuple(int(s) for s in need)
+    target = f"{describe(need)} = {legend}"
+    if value is None:
+        raise TypeError(
+            f"{name} returned None; it must return a {want} array broadcastable to {target} "
+            "(did you forget `return`?)"
+        )
+    kind = _dtype_kind(value)
+    ok = ("bool",) if want == "bool" else ("float", "int")
+    if kind not in ok:
+        what = f"dtype {value.dtype}" if hasattr(value, "dtype") else f"a {type(value).__name__}"
+        hint = " (compare, e.g. q_idx >= kv_idx, to get one)" if want == "bool" else ""
+        raise TypeError(f"{name} must return a {want} array broadcastable to {target}, got {what}{hint}")
+    shape = tuple(int(s) for s in getattr(value, "shape", ()))
+    padded = (1,) * (len(need) - len(shape)) + shape
+    if len(shape) > len(need) or any(have not in (1, want_) for have, want_ in zip(padded, need)):
+        raise AttentionInputError(
+            f"{name} returned shape {describe(shape)}, which does not broadcast to {target}; "
+            "each dim must be 1 or equal to the target's"
+        )

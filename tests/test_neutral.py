@@ -133,7 +133,8 @@ def test_heads_first_dims_reads_shapes():
         (((7, 2, 8), (9, 2, 8), (8,)), ["value", "3 dims"]),
         (((2, 7, 2, 8), (3, 9, 2, 8), (3, 9, 2, 8)), ["key", "batch", "(2)", "(3)"]),
         (((2, 7, 2, 8), (2, 9, 2, 8), (1, 9, 2, 8)), ["value", "batch"]),
-        (((0, 2, 8), (9, 2, 8), (9, 2, 8)), ["query", "empty"]),
+        (((7, 0, 8), (9, 2, 8), (9, 2, 8)), ["query", "empty", "head"]),
+        (((7, 2, 8), (9, 2, 8), (9, 2, 0)), ["value", "empty", "depth"]),
     ],
 )
 def test_seed_dims_errors_name_the_argument(shapes, words):
@@ -141,6 +142,45 @@ def test_seed_dims_errors_name_the_argument(shapes, words):
         _spec.seed_dims(*shapes)
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+
+
+def test_empty_lengths_and_batches_are_valid():
+    # L = 0, S = 0 and an empty batch are valid (torch and xformers return empty / zero outputs)
+    for shapes in (
+        ((0, 2, 8), (9, 2, 8), (9, 2, 4)),
+        ((7, 2, 8), (0, 2, 8), (0, 2, 4)),
+        ((0, 7, 2, 8), (0, 9, 2, 8), (0, 9, 2, 4)),
+    ):
+        dims = _spec.seed_dims(*shapes)
+        assert dims.empty
+        # chunk sizes stay positive, the plan has no pair to compute
+        qc, kc = choose_chunk_sizes(dims, "float32")
+        assert qc >= 1 and kc >= 1
+        plan = BlockPlan.build(StructuredMask(q_len=dims.q_len, kv_len=dims.kv_len, causal=True), qc, kc)
+        assert not [t for i in range(plan.num_q_chunks) for j in range(plan.num_k_chunks)
+                    for t in plan.pair_tiles(i, j)] or dims.batch_size == 0  # fmt: skip
+    assert not _spec.seed_dims((7, 2, 8), (9, 2, 8), (9, 2, 4)).empty
+
+
+@pytest.mark.parametrize(
+    "shapes, layout",
+    [
+        # heads-first [B, H, L, D] tensors given to the seed layout: L != S makes heads disagree
+        (((2, 4, 7, 8), (2, 4, 9, 8), (2, 4, 9, 8)), "[B..., L, H, D]"),
+        # sequence-first [L, B, H, D]: the batch dims (here L and S) disagree
+        (((7, 2, 4, 8), (9, 2, 4, 8), (9, 2, 4, 8)), "sequence-first"),
+    ],
+)
+def test_seed_dims_errors_say_which_layout_is_expected(shapes, layout):
+    with pytest.raises(AttentionInputError) as info:
+        _spec.seed_dims(*shapes)
+    assert layout in str(info.value) and "heads-first" in str(info.value)
+
+
+def test_heads_first_dims_errors_say_which_layout_is_expected():
+    # seed-layout [B, L, H, D] tensors given to the SDPA layout, L != S
+    with pytest.raises(AttentionInputError, match=r"\[B\.\.\., H, L, D\]"):
+        _spec.heads_first_dims((2, 7, 4, 8), (2, 9, 4, 8), (2, 9, 4, 8), enable_gqa=False)
 
 
 def test_heads_first_dims_without_gqa_names_enable_gqa():
@@ -203,9 +243,13 @@ def test_resolve_scale():
     assert _spec.resolve_scale(None, 16) == pytest.approx(0.25)
     assert _spec.resolve_scale(0.3, 16) == 0.3
     assert _spec.resolve_scale(2, 16) == 2.0
-    for bad in (True, "1", float("inf"), float("nan")):
+    for bad in (True, "1", float("inf"), float("nan"), np.array([0.5, 0.5]), 1j):
         with pytest.raises(AttentionInputError, match="scale"):
             _spec.resolve_scale(bad, 16)
+    # numpy scalars and concrete 0-d arrays are real numbers too (the originals accept them)
+    for good in (np.float32(0.5), np.float64(0.5), np.array(0.5), np.int64(2) / 4):
+        assert _spec.resolve_scale(good, 16) == 0.5
+        assert type(_spec.resolve_scale(good, 16)) is float
 
 
 def test_check_chunk_size():
@@ -246,9 +290,44 @@ def test_check_dropout_and_softcap():
             _spec.check_dropout(bad)
     assert _spec.check_softcap(None) is None
     assert _spec.check_softcap(30) == 30.0
-    for bad in (0, -1.0, True):
+    for bad in (0, -1.0, True, float("nan"), -math.inf, "3"):
         with pytest.raises(AttentionInputError, match="logits_soft_cap"):
             _spec.check_softcap(bad)
+    # inf * tanh(s / inf) is NaN: refused with the fix (None means no cap)
+    with pytest.raises(AttentionInputError, match="pass None"):
+        _spec.check_softcap(math.inf)
+    assert _spec.check_softcap(np.float32(2.0)) == 2.0
+
+
+def test_memory_budget_must_be_finite():
+    for bad in (math.inf, float("nan"), "infGB"):
+        with pytest.raises(AttentionInputError, match="memory_budget"):
+            parse_memory(bad)
+
+
+@pytest.mark.parametrize(
+    "value, want, error, words",
+    [
+        (None, "bool", TypeError, ["mask_mod", "None", "return"]),
+        (np.zeros((2, 8), np.float32), "bool", TypeError, ["mask_mod", "float32", "bool"]),
+        (np.zeros((3, 8), bool), "bool", AttentionInputError, ["mask_mod", "(3, 8)", "(2, 8)"]),
+        (np.zeros((1, 2, 8), bool), "bool", AttentionInputError, ["mask_mod", "(1, 2, 8)"]),
+        ("yes", "float", TypeError, ["mask_mod", "str"]),
+        (np.zeros((2, 8), bool), "float", TypeError, ["mask_mod", "bool"]),
+    ],
+)
+def test_check_callable_result_names_the_callable(value, want, error, words):
+    with pytest.raises(error) as info:
+        _spec.check_callable_result("mask_mod", value, (2, 8), "[lc, kc]", want=want)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_check_callable_result_accepts_what_broadcasts():
+    for value in (True, np.ones((2, 1), bool), np.ones((8,), bool), np.ones((1, 1), bool)):
+        _spec.check_callable_result("mask_mod", value, (2, 8), "[lc, kc]", want="bool")
+    for value in (1.5, 3, np.ones((2, 8), np.float32), np.ones((1, 8), np.int32)):
+        _spec.check_callable_result("score_mod", value, (2, 8), "[lc, kc]", want="float")
 
 
 # ------------------------------------------------------------------------------------------
