@@ -188,3 +188,103 @@ def test_cli_end_to_end_tiny(tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 1000
     for impl in impls:
         assert impl in proc.stdout
+
+
+def _options(parser):
+    """Every (subcommand, action) of ``parser`` and its subparsers, but ``-h``."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from ((f"{name} {where}".strip(), a) for where, a in _options(sub))
+        elif not isinstance(action, argparse._HelpAction):
+            yield "", action
+
+
+def test_every_option_has_help():
+    import argparse
+
+    options = list(_options(cli.build_parser()))
+    flags = {flag for _, action in options for flag in action.option_strings}
+    assert {"--frameworks", "--modes", "--no-time", "--no-memory", "--seed-dir", "--limit-mib"} <= flags
+    missing = [
+        f"{where} {'/'.join(action.option_strings) or action.dest}"
+        for where, action in options
+        if action.option_strings and (not action.help or action.help == argparse.SUPPRESS)
+    ]
+    assert not missing, f"options without help: {missing}"
+
+
+def _seed_records(tmp_path, lengths=(512, 1024), modes=("forward", "backward")):
+    """Records of a run with the seed missing from ``--seed-dir`` (nothing measured)."""
+    from memory_efficient_attention.bench.run import BenchConfig, run_cases
+
+    config = BenchConfig(lengths=list(lengths), impls=["ours-torch", "seed-torch", "seed-jax"],
+                         modes=list(modes), seed_dir=str(tmp_path / "no-seed"),
+                         measure_time=False, measure_memory=False)  # fmt: skip
+    records, _ = run_cases(config)
+    return records
+
+
+def test_missing_seed_is_said_once_under_the_table(tmp_path):
+    records = _seed_records(tmp_path)
+    reasons = {r["reason"] for r in records if r["impl"].startswith("seed")}
+    assert len(reasons) == 1  # one note, in every seed row of the JSON
+    reason = reasons.pop()
+    assert reason.startswith("not available") and "--install-seed" in reason and len(reason) > 100
+    text = report.format_table(records, "B=1")
+    lines = text.splitlines()
+    assert text.count(reason) == 1
+    note_line = lines.index(f"[1] {reason}")
+    rows = [i for i, line in enumerate(lines) if "seed-" in line and "[1]" not in line[:4]]
+    assert len(rows) == 8 and max(rows) < note_line  # 2 lengths x 2 modes x 2 seed impls, above
+    for i in rows:
+        assert lines[i].endswith("not available [1]"), lines[i]
+    assert all(len(line) < 120 for line in lines if line not in (f"[1] {reason}",))
+
+
+def test_only_long_shared_notes_become_footnotes():
+    long_error = "RuntimeError: " + "x" * 60
+    records = [
+        _record("sdpa", 512, "forward", error="ImportError: missing"),
+        _record("ours-torch", 512, "forward", error="ImportError: missing"),  # short: stays inline
+        _record("xla", 512, "forward", status="skipped", reason="would need " + "9" * 40),  # once
+        _record("plain-torch", 512, "forward", error=long_error),
+        _record("ours-jax", 512, "backward", error=long_error),
+    ]
+    assert report.footnotes(records) == {long_error: 1}
+    text = report.format_table(records)
+    assert text.count("ImportError: missing") == 2 and text.count("9" * 40) == 1
+    assert text.count(long_error) == 1 and text.count("RuntimeError [1]") == 2
+
+
+def test_install_seed_failure_does_not_stop_the_benchmark(tmp_path, monkeypatch, capsys):
+    seed_dir = str(tmp_path / "seed")
+    monkeypatch.setattr(cli, "seed_install_command", lambda d: [sys.executable, "-c", "exit(1)"])
+    assert cli._install_seed(seed_dir) is False  # pip failed (offline): a warning, no exception
+    monkeypatch.setattr(cli, "seed_install_command", lambda d: [str(tmp_path / "no-such-pip")])
+    assert cli._install_seed(seed_dir) is False
+    assert capsys.readouterr().err.count("could not install the seed") == 2
+    package = tmp_path / "seed" / "memory_efficient_attention"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    monkeypatch.setattr(cli, "seed_install_command", lambda d: pytest.fail("installed again"))
+    assert cli._install_seed(seed_dir) is True
+
+
+def test_cli_without_seed_prints_its_note_once(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    command = [
+        sys.executable, "-m", "memory_efficient_attention", "bench", "--no-time", "--no-memory",
+        "--frameworks", "torch", "--impls", "ours-torch,seed-torch", "--device", "cpu",
+        "--seed-dir", str(tmp_path / "no-seed"), "--out", str(tmp_path / "out"), "--no-progress",
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    hint = [i for i, line in enumerate(lines) if "memory-efficient-attention==0.1.3" in line]
+    seed_rows = [i for i, line in enumerate(lines) if "seed-torch" in line]
+    assert len(hint) == 1 and len(seed_rows) == 6 and max(seed_rows) < hint[0], proc.stdout
+    assert (tmp_path / "out" / "bench.txt").read_text().count("memory-efficient-attention==0.1.3") == 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 __all__ = [
+    "DTYPES",
     "IMPLS",
     "MODES",
     "REFERENCE_IMPL",
@@ -25,6 +26,9 @@ __all__ = [
     "select_impls",
     "skip_reason",
 ]
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+"""The dtypes of q, k and v the benchmark accepts (``Shape.itemsize`` knows their sizes)."""
 
 MODES = ("forward", "backward")
 """``forward``: inference, no autograd. ``backward``: forward + backward, the gradient of

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cases import IMPLS, MODES, select_impls
+from .cases import DTYPES, IMPLS, MODES, select_impls
 from .run import (
     DEFAULT_SEED_DIR,
     BenchConfig,
@@ -32,7 +32,6 @@ from .run import (
 __all__ = ["build_parser", "config_from_args", "main", "parse_lengths", "parse_size"]
 
 DEFAULT_LENGTHS = "512,1024,2048"
-DTYPES = ("float16", "bfloat16", "float32", "float64")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20,
                "g": 2**30, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}  # fmt: skip
 
@@ -87,15 +86,22 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--lengths",
         type=parse_lengths,
         default=None,
-        help=f"sequence lengths, comma separated (default {DEFAULT_LENGTHS})",
+        help=f"sequence lengths, comma separated (default {DEFAULT_LENGTHS}; --paper: its own)",
     )
-    shape.add_argument("--heads", type=int, default=None, help="heads (default 8)")
+    shape.add_argument("--heads", type=int, default=None, help="heads (default 8; 1 with --paper)")
     shape.add_argument("--depth", type=int, default=64, help="depth per head (default 64)")
     shape.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    shape.add_argument("--dtype", choices=DTYPES, default="float32")
+    shape.add_argument(
+        "--dtype", choices=DTYPES, default="float32", help="dtype of q, k and v (default float32)"
+    )
     shape.add_argument("--causal", action="store_true", help="causal (top-left) attention")
     what = parser.add_argument_group("what to run")
-    what.add_argument("--frameworks", type=_csv(("torch", "jax")), default=["torch", "jax"])
+    what.add_argument(
+        "--frameworks",
+        type=_csv(("torch", "jax")),
+        default=["torch", "jax"],
+        help="torch and/or jax, comma separated: run only their implementations (default both)",
+    )
     what.add_argument(
         "--impls",
         type=_csv(list(IMPLS)),
@@ -106,9 +112,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--modes",
         type=_csv(MODES),
         default=list(MODES),
-        help="forward (inference) and/or backward (forward + backward)",
+        help="forward (inference) and/or backward (forward + backward), comma separated (default both)",
     )
-    what.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5)")
+    what.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; 3 with --paper)")
     what.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     what.add_argument(
         "--threads",
@@ -116,8 +122,18 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="pin each worker to this many cores (default: all)",
     )
-    what.add_argument("--no-time", dest="measure_time", action="store_false")
-    what.add_argument("--no-memory", dest="measure_memory", action="store_false")
+    what.add_argument(
+        "--no-time",
+        dest="measure_time",
+        action="store_false",
+        help="do not time: measure only memory (the time columns stay empty)",
+    )
+    what.add_argument(
+        "--no-memory",
+        dest="measure_memory",
+        action="store_false",
+        help="do not measure memory: only time (the memory columns stay empty)",
+    )
     limits = parser.add_argument_group("limits")
     limits.add_argument(
         "--max-dense-memory",
@@ -142,12 +158,25 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="memory subprocesses run at once (default 2; timing always runs alone)",
     )
     seed = parser.add_argument_group("the seed package 0.1.3")
-    seed.add_argument("--seed-dir", default=DEFAULT_SEED_DIR)
     seed.add_argument(
-        "--install-seed", action="store_true", help="pip install the seed into --seed-dir first"
+        "--seed-dir",
+        default=DEFAULT_SEED_DIR,
+        help="folder the seed is installed in, with pip install --target (default %(default)s); "
+        "its cases are skipped when it is not there",
+    )
+    seed.add_argument(
+        "--install-seed",
+        action="store_true",
+        help="pip install the seed into --seed-dir first (needs PyPI; if that fails the "
+        "benchmark runs without the seed)",
     )
     out = parser.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=Path("bench-out"), help="default bench-out/")
+    out.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-out"),
+        help="folder for bench.json, .png and .txt (default bench-out/)",
+    )
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     special = parser.add_argument_group("special runs")
     special.add_argument(
@@ -210,10 +239,20 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
 
 
-def _install_seed(seed_dir: str) -> None:
+def _install_seed(seed_dir: str, timeout_s: float = 300.0) -> bool:
+    """``pip install`` the seed into ``seed_dir`` (unless it is there); whether it is there now.
+
+    Never raises: without network (or pip) the benchmark goes on and skips the seed's cases."""
+    if seed_available(seed_dir):
+        print(f"seed 0.1.3 already in {seed_dir}", file=sys.stderr)
+        return True
     command = seed_install_command(seed_dir)
     print("$", shlex.join(command), file=sys.stderr)
-    subprocess.run(command, check=True)
+    try:
+        subprocess.run(command, check=True, timeout=timeout_s)
+    except (OSError, subprocess.SubprocessError) as err:
+        print(f"warning: could not install the seed ({err}); running without it", file=sys.stderr)
+    return seed_available(seed_dir)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -226,7 +265,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
         return run_memory_check(device=args.device or "cpu", timeout_s=args.timeout)
     if args.install_seed:
-        _install_seed(args.seed_dir)
+        _install_seed(args.seed_dir, timeout_s=args.timeout)
     config = config_from_args(args)
     machine = report.describe_machine(config.device)
     cores = machine["cpu_count"] or 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cases import Shape, format_bytes
+from .cases import DTYPES, Shape, format_bytes
 from .run import DEFAULT_SEED_DIR, run_worker
 
 __all__ = ["add_memory_arguments", "run_memory_check"]
@@ -24,12 +24,16 @@ DENSE = ("plain-torch", "xla")
 def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the ``memory`` subcommand."""
     parser.add_argument("--n", type=int, default=16384, help="sequence length (default 16384)")
-    parser.add_argument("--heads", type=int, default=1)
-    parser.add_argument("--depth", type=int, default=64)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--limit-mib", type=float, default=256.0, help="pass mark for ours")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per subprocess")
+    parser.add_argument("--heads", type=int, default=1, help="heads (default 1)")
+    parser.add_argument("--depth", type=int, default=64, help="depth per head (default 64)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=DTYPES, help="dtype of q, k and v (default float32)"
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default cpu)")
+    parser.add_argument(
+        "--limit-mib", type=float, default=256.0, help="pass mark for ours, MiB (default 256)"
+    )
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per subprocess (default 300)")
     parser.add_argument("--no-dense", action="store_true", help="measure only ours")
     parser.add_argument("--causal", action="store_true", help="causal (top-left) attention")
 

@@ -111,8 +111,30 @@ def _spread(timing: dict[str, Any]) -> str:
     return f"±{50 * (timing['q3_s'] - timing['q1_s']) / timing['median_s']:.0f}%"
 
 
-def table_rows(records: list[dict[str, Any]]) -> list[list[str]]:
-    """The table's cells, one row per case (strings), in the records' order."""
+FOOTNOTE_MIN_CHARS = 40
+"""A note at least this long that more than one row shares is printed once, under the tables."""
+
+
+def footnotes(records: list[dict[str, Any]]) -> dict[str, int]:
+    """The notes printed once under the tables (long ones shared by rows), numbered from 1."""
+    counts: dict[str, int] = {}
+    for record in records:
+        note = _note(record)
+        counts[note] = counts.get(note, 0) + 1
+    shared = [note for note, count in counts.items() if count > 1 and len(note) >= FOOTNOTE_MIN_CHARS]
+    return {note: number for number, note in enumerate(shared, 1)}
+
+
+def _short_note(note: str, number: int) -> str:
+    """A row's stand-in for footnote ``number``: the note's head (``not available``) and ``[1]``."""
+    head = note.split(":", 1)[0] if ":" in note else ""
+    return f"{head} [{number}]" if 0 < len(head) <= 24 else f"[{number}]"
+
+
+def table_rows(records: list[dict[str, Any]], notes: dict[str, int] | None = None) -> list[list[str]]:
+    """The table's cells, one row per case (strings), in the records' order; a note in ``notes``
+    (see ``footnotes``) is replaced by its number."""
+    notes = notes or {}
     rows = []
     ratio_key, diff_key = "ratio_to_" + REFERENCE_IMPL, "max_abs_diff"
     for record in records:
@@ -128,7 +150,7 @@ def table_rows(records: list[dict[str, Any]]) -> list[list[str]]:
             format_bytes(memory.get("peak_added_bytes")),
             format_bytes(memory.get("overhead_bytes")),
             "-" if diff is None else f"{diff:.1e}",
-            _note(record),
+            _short_note(note, notes[note]) if (note := _note(record)) in notes else note,
         ])  # fmt: skip
     return rows
 
@@ -137,10 +159,14 @@ HEADER = ["n", "impl", "time", "spread", f"x {REFERENCE_IMPL}", "peak added", "o
 
 
 def format_table(records: list[dict[str, Any]], title: str = "") -> str:
-    """A plain-text table per mode: median time, its spread, ratio to SDPA, memory, accuracy."""
+    """A plain-text table per mode: median time, its spread, ratio to SDPA, memory, accuracy.
+
+    A long note that several rows share (the seed is not installed, the same failure) is printed
+    once, numbered, under the tables; those rows say only its number."""
+    notes = footnotes(records)
     blocks = []
     for mode in dict.fromkeys(record["mode"] for record in records):
-        rows = table_rows([r for r in records if r["mode"] == mode])
+        rows = table_rows([r for r in records if r["mode"] == mode], notes)
         widths = [max(len(row[i]) for row in [HEADER, *rows]) for i in range(len(HEADER) - 1)]
         lines = [f"{MODE_LABELS.get(mode, mode)}{' - ' + title if title else ''}"]
         for row in [HEADER, *rows]:
@@ -150,6 +176,8 @@ def format_table(records: list[dict[str, Any]], title: str = "") -> str:
             ]
             lines.append("  ".join([*cells, row[-1]]).rstrip())
         blocks.append("\n".join(lines))
+    if notes:
+        blocks.append("\n".join(f"[{number}] {note}" for note, number in notes.items()))
     return "\n\n".join([*blocks, LEGEND])
 
 
@@ -201,7 +229,8 @@ def plot_results(path: Path, records: list[dict[str, Any]], title: str = "") -> 
             ax.set_ylabel(label)
             ax.set_title(MODE_LABELS.get(mode, mode))
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize="small")
+            if ax.get_lines():  # nothing measured (all skipped, --no-time): no empty legend
+                ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -89,10 +89,24 @@ def _relation_index(ring: _Ring, t):
 
 
 def _step(ring: _Ring, t, branches, *args):
-    """Run the branch of step ``t``'s relation (a ``lax.switch`` only when there is a choice)."""
+    """Run the branch of step ``t``'s relation (a ``lax.switch`` only when there is a choice).
+
+    Inside ``jax.shard_map`` with ``check_vma`` the branches of a ``lax.switch`` must agree on the
+    mesh axes their outputs vary over; a branch that skips a masked-out shard returns fresh
+    constants, which vary over none, so every branch's outputs are marked varying over the
+    axes its inputs vary over (a no-op outside ``shard_map`` or without ``check_vma``)."""
     if len(branches) == 1:
         return branches[0](*args)
-    return lax.switch(_relation_index(ring, t), branches, *args)
+    return lax.switch(_relation_index(ring, t), [_varying_outputs(b) for b in branches], *args)
+
+
+def _varying_outputs(branch):
+    """``branch`` with its outputs marked varying like its inputs (see ``_step``)."""
+
+    def run(*args):
+        return _varying_like(branch(*args), *args)
+
+    return run
 
 
 def _block_forward(ring: _Ring, relation: str, q, k, v):
