@@ -54,8 +54,8 @@ def attention_forward_differentiable(cfg: KernelConfig, mods: Mods, ops, seed: i
         qi = q[:, :, q0:q1].reshape(z * kh, rows, d)
         m = l = acc = None
         for c in chunks:
-            kj = k[:, :, c.k0 : c.k1].reshape(z * kh, -1, d)
-            vj = v[:, :, c.k0 : c.k1].reshape(z * kh, -1, e)
+            kj = k[:, :, c.k0 : c.k1].reshape(z * kh, c.k1 - c.k0, d)
+            vj = v[:, :, c.k0 : c.k1].reshape(z * kh, c.k1 - c.k0, e)
             s = torch.bmm(qi, kj.transpose(1, 2)) * (cfg.scale * unit)
             s = _transform_scores(
                 s, cfg, mods, ops, c, _operand_chunk(ops.bias, cfg, c.q0, c.q1, c.k0, c.k1),
@@ -85,8 +85,10 @@ def attention_forward_differentiable(cfg: KernelConfig, mods: Mods, ops, seed: i
         m_safe = m.masked_fill(m == _NEG_INF, 0.0)
         m_nat = torch.where(m_safe == fill, m_safe, m_safe / unit)
         lses.append(torch.where(kept, m_nat + l_safe.log(), torch.full_like(l, _NEG_INF)))
-    out = torch.cat([o.view(z, kh, -1, g, e) for o in outs], dim=2)
-    lse = torch.cat([x.view(z, kh, -1, g) for x in lses], dim=2)
+    if not outs:  # L = 0: no query chunk
+        return q.new_zeros(z, kh, 0, g, e).to(ops.q.dtype), q.new_zeros(z, kh, 0, g)
+    out = torch.cat([o.view(z, kh, o.shape[1] // g, g, e) for o in outs], dim=2)
+    lse = torch.cat([x.view(z, kh, x.shape[1] // g, g) for x in lses], dim=2)
     return out.to(ops.q.dtype), lse
 
 
@@ -116,8 +118,8 @@ def attention_jvp(cfg: KernelConfig, mods: Mods, ops, seed: int, out, row_max, r
         r = torch.zeros(z * kh, rows, 1, dtype=cdt, device=q.device)
         acc = torch.zeros(z * kh, rows, e, dtype=cdt, device=q.device)
         for c in chunks:
-            kj = k[:, :, c.k0 : c.k1].reshape(z * kh, -1, d)
-            vj = v[:, :, c.k0 : c.k1].reshape(z * kh, -1, e)
+            kj = k[:, :, c.k0 : c.k1].reshape(z * kh, c.k1 - c.k0, d)
+            vj = v[:, :, c.k0 : c.k1].reshape(z * kh, c.k1 - c.k0, e)
             bias_c = _operand_chunk(ops.bias, cfg, c.q0, c.q1, c.k0, c.k1)
             mask_c = _operand_chunk(ops.mask, cfg, c.q0, c.q1, c.k0, c.k1)
             tbias_c = _operand_chunk(tbias, cfg, c.q0, c.q1, c.k0, c.k1)
@@ -125,7 +127,7 @@ def attention_jvp(cfg: KernelConfig, mods: Mods, ops, seed: int, out, row_max, r
             if tqi is not None:
                 ds_raw = torch.bmm(tqi, kj.transpose(1, 2))
             if tk is not None:
-                tkj = tk[:, :, c.k0 : c.k1].reshape(z * kh, -1, d)
+                tkj = tk[:, :, c.k0 : c.k1].reshape(z * kh, c.k1 - c.k0, d)
                 term = torch.bmm(qi, tkj.transpose(1, 2))
                 ds_raw = term if ds_raw is None else ds_raw + term
             if ds_raw is not None:
@@ -140,12 +142,14 @@ def attention_jvp(cfg: KernelConfig, mods: Mods, ops, seed: int, out, row_max, r
                 r = r + pds.sum(dim=-1, keepdim=True)
                 acc = acc + torch.bmm(pds if drop is None else pds * drop, vj)
             if tv is not None:
-                tvj = tv[:, :, c.k0 : c.k1].reshape(z * kh, -1, e)
+                tvj = tv[:, :, c.k0 : c.k1].reshape(z * kh, c.k1 - c.k0, e)
                 acc = acc + torch.bmm(p if drop is None else p * drop, tvj)
         # The normalisation's term: -r * (P * Z) V = -r * O.
         o_i = out_c[:, :, q0:q1].reshape(z * kh, rows, e)
         d_outs.append((acc - r * o_i).view(z, kh, q1 - q0, g, e))
         d_lses.append(r.view(z, kh, q1 - q0, g))
+    if not d_outs:  # L = 0: no query chunk
+        return out.new_zeros(out.shape), row_max.new_zeros(row_max.shape)
     return torch.cat(d_outs, dim=2).to(out.dtype), torch.cat(d_lses, dim=2)
 
 

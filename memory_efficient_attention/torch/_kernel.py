@@ -25,6 +25,7 @@ import torch
 
 from .._config import KernelConfig, chunk_keep
 from .._masks import EMPTY, PARTIAL, Tile
+from .._spec import check_callable_result
 
 _NEG_INF = float("-inf")
 _LOG2E = 1.4426950408889634
@@ -32,8 +33,10 @@ _LOG2E = 1.4426950408889634
 
 def _unit(mods) -> float:
     """Scores are kept in base-2 units (``log2(e) * score``, so the softmax uses ``exp2``, about
-    three times cheaper than ``exp`` on CPUs) unless user callables must see natural scores."""
-    return 1.0 if mods.needs_autograd else _LOG2E
+    three times cheaper than ``exp`` on CPUs) unless user callables must see natural scores, or
+    scores so large that ``log2(e) * score`` would overflow (``Mods.natural``, see
+    ``scores_may_overflow``) need natural units."""
+    return 1.0 if mods.needs_autograd or mods.natural else _LOG2E
 
 
 def _exp_(x, unit: float):
@@ -50,6 +53,11 @@ class Mods:
     mask_calc_fn: Any = None
     weights_calc_fn: Any = None
     calc_fn_data: Any = None
+    # Tensors the callables capture that require grad (``_function.captured_tensors``): extra
+    # inputs of the autograd Function, whose gradients the backward accumulates chunk by chunk.
+    captured: tuple = ()
+    # Natural units although no callable needs them: finite scores beyond finfo.max / log2(e).
+    natural: bool = False
 
     @property
     def seed_callbacks(self) -> bool:
@@ -126,6 +134,22 @@ def _fill_value(cfg: KernelConfig, dtype) -> float:
     return torch.finfo(dtype).min if cfg.mask_fill == "min" else _NEG_INF
 
 
+# What score_mod and mask_mod results must broadcast to: the score chunk handed to score_mod.
+_SCORE_LEGEND = "[Z, K, lc, G, kc] (batch, key/value heads, query chunk, heads per key/value head, key chunk)"
+
+
+def _checked_mask_mod(mods: Mods, need, device):
+    """``mods.mask_mod`` with its result checked (bool, broadcastable to the chunk) and made a
+    tensor (a Python bool broadcasts)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = mods.mask_mod(b, h, q_idx, kv_idx)
+        check_callable_result("mask_mod", keep, need, _SCORE_LEGEND, want="bool")
+        return torch.as_tensor(keep, device=device)
+
+    return mask_mod
+
+
 def _transform_scores(s, cfg: KernelConfig, mods: Mods, ops, c: Tile, bias_c, mask_c):
     dims = cfg.dims
     s5 = s.view(dims.batch_size, dims.kv_heads, c.q1 - c.q0, dims.groups, c.k1 - c.k0)
@@ -147,7 +171,11 @@ def _transform_scores(s, cfg: KernelConfig, mods: Mods, ops, c: Tile, bias_c, ma
         grids = _index_grids(cfg, c, s.device)
         q_idx, k_idx, b_idx, h_idx = grids
         modded = mods.score_mod(s5, b_idx, h_idx, q_idx, k_idx)
-        s5.copy_(modded)  # broadcasts a mod that returns fewer dims
+        check_callable_result("score_mod", modded, s5.shape, _SCORE_LEGEND, want="float")
+        if isinstance(modded, torch.Tensor):
+            s5.copy_(modded)  # broadcasts a mod that returns fewer dims
+        else:
+            s5.fill_(float(modded))
     if c.kind == PARTIAL:
         q_idx, k_idx, b_idx, h_idx = grids or _index_grids(cfg, c, s.device)
         keep = chunk_keep(
@@ -162,7 +190,7 @@ def _transform_scores(s, cfg: KernelConfig, mods: Mods, ops, c: Tile, bias_c, ma
             kv_segments=None
             if ops.kv_segments is None
             else ops.kv_segments[:, c.k0 : c.k1].view(-1, 1, 1, 1, c.k1 - c.k0),
-            mask_mod=mods.mask_mod,
+            mask_mod=None if mods.mask_mod is None else _checked_mask_mod(mods, s5.shape, s.device),
             batch_idx=b_idx,
             head_idx=h_idx,
         )
@@ -187,21 +215,30 @@ def _seed_callbacks(s5, cfg: KernelConfig, mods: Mods, c: Tile, bias_c, mask_c):
         )
         return w.reshape(dims.batch_size, lc, dims.kv_heads, dims.groups, kc).permute(0, 2, 1, 3, 4)
 
+    # A bias or mask callback may return None (the seed's "no bias/mask for this chunk").
+    chunk = (*dims.batch, dims.q_heads, lc, kc)
     data = mods.calc_fn_data
     if mods.bias_calc_fn is not None:
         bias = mods.bias_calc_fn(c.q0, c.k0, _chunk_to_seed(bias_c, cfg), seed_weights(s5), data)
+        if bias is not None:
+            check_callable_result("bias_calc_fn", bias, chunk, "[B..., H, lc, kc]", want="float")
         bias_c = None if bias is None else _seed_to_chunk(torch.as_tensor(bias, device=s5.device), cfg)
     if bias_c is not None:
         s5.add_(bias_c)
     if mods.mask_calc_fn is not None:
         mask = mods.mask_calc_fn(c.q0, c.k0, _chunk_to_seed(mask_c, cfg), seed_weights(s5), data)
+        if mask is not None:
+            check_callable_result("mask_calc_fn", mask, chunk, "[B..., H, lc, kc]", want="bool")
         mask_c = None if mask is None else _seed_to_chunk(torch.as_tensor(mask, device=s5.device), cfg)
     if mask_c is not None:
         s5.masked_fill_(mask_c.logical_not(), _fill_value(cfg, s5.dtype))
         mask_c = None
     if mods.weights_calc_fn is not None:
         w = mods.weights_calc_fn(c.q0, c.k0, seed_weights(s5), data)
-        s5.copy_(from_seed_weights(w.to(s5.dtype)))
+        need = (*dims.batch, lc, dims.q_heads, kc)
+        check_callable_result("weights_calc_fn", w, need, "[B..., lc, H, kc]", want="float")
+        w = torch.as_tensor(w, device=s5.device)
+        s5.copy_(from_seed_weights(w.to(s5.dtype).reshape((1,) * (len(need) - w.dim()) + tuple(w.shape))))
     return s5, mask_c
 
 
@@ -275,6 +312,37 @@ def _is_plain(cfg: KernelConfig, mods: Mods, ops) -> bool:
     """No bias, dense mask, soft cap or user callable: only partial blocks of the structured
     masks need score work."""
     return ops.bias is None and ops.mask is None and cfg.softcap is None and not mods.needs_autograd
+
+
+def scores_may_overflow(cfg: KernelConfig, ops) -> bool:
+    """Whether some finite score could leave the range of base-2 units (``|score| * log2(e)``
+    near ``finfo.max`` of the compute dtype), from a bound on ``|scale * q.k| <= scale * |q| |k|``
+    (or the soft cap) plus ``max |bias|``: one reduction over q, k and the bias, one sync."""
+    if cfg.dims.empty:
+        return False
+    cdt = _torch_dtype(cfg.compute_dtype)
+    if cfg.softcap is not None:
+        bound = torch.tensor(cfg.softcap, dtype=cdt)
+    else:
+        norms = [torch.linalg.vector_norm(t, dim=-1, dtype=cdt).amax() for t in (ops.q, ops.k)]
+        bound = norms[0] * norms[1] * abs(cfg.scale)
+    if ops.bias is not None and ops.bias.numel():
+        low, high = (x.to(cdt) for x in torch.aminmax(ops.bias))
+        bound = bound.to(low.device) + torch.maximum(-low, high)
+    # Half of the limit: room for the softmax's own sums of two scores.
+    return not bool(bound <= torch.finfo(cdt).max / _LOG2E / 2)
+
+
+def base2_overflowed(cfg: KernelConfig, row_sum: torch.Tensor) -> bool:
+    """After a plain forward in base-2 units: whether a row may have overflowed (a non-finite
+    row sum, or, with structured masks, a row with no key left, which a row whose every score is
+    below ``-finfo.max / log2(e)`` also looks like). One reduction over the rows, one sync."""
+    if row_sum.numel() == 0:
+        return False
+    bad = ~torch.isfinite(row_sum)
+    if cfg.structure.any:
+        bad = bad | (row_sum == 0)
+    return bool(bad.any())
 
 
 def attention_forward(cfg: KernelConfig, mods: Mods, ops, seed: int):
@@ -362,11 +430,15 @@ def log_sum_exp(row_max: torch.Tensor, row_sum: torch.Tensor, mods: Mods) -> tor
 
 
 def attention_backward(cfg: KernelConfig, mods: Mods, ops, seed, out, row_max, row_sum, d_out,
-                       d_lse, need_bias_grad: bool):  # fmt: skip
+                       d_lse, need_bias_grad: bool, captured=None):  # fmt: skip
     """Gradients ``dq, dk, dv`` (kernel layout, input dtype) and ``dbias`` (its own shape).
 
     ``d_lse`` (the gradient of the returned log-sum-exp, or None) enters through the row term:
-    d lse / d s = P, so it shifts ``D = rowsum(dO * O)`` to ``D - d_lse``."""
+    d lse / d s = P, so it shifts ``D = rowsum(dO * O)`` to ``D - d_lse``.
+
+    ``captured``: tensors the user callables capture (see ``Mods.captured``) to differentiate as
+    well; with it, a fifth result holds their gradients (each summed over the chunks; None where
+    no chunk reaches the tensor)."""
     dims = cfg.dims
     z, kh, g, d, e = dims.batch_size, dims.kv_heads, dims.groups, dims.qk_depth, dims.v_depth
     cdt = _torch_dtype(cfg.compute_dtype)
@@ -393,6 +465,8 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops, seed, out, row_max, r
     nonempty = _pairs_nonempty(cfg, ops)
     unit = _unit(mods)
     plain = _is_plain(cfg, mods, ops)
+    captured = list(captured or ())
+    d_captured = [None] * len(captured)
 
     for j, chunks in _pairs(cfg, nonempty, by_key=True):
         k0, k1 = cfg.plan.k_bounds(j)
@@ -434,10 +508,13 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops, seed, out, row_max, r
             ds = dp.sub_(delta_s[:, r0:r1]).mul_(p)
             if mods.needs_autograd:
                 leaves = [s_raw] + ([bias_leaf] if bias_leaf is not None else [])
-                grads = torch.autograd.grad(s, leaves, ds)
-                ds = grads[0]
+                grads = torch.autograd.grad(s, leaves + captured, ds, allow_unused=True)
+                ds = grads[0] if grads[0] is not None else torch.zeros_like(s_raw)
                 if bias_leaf is not None:
                     _accumulate_bias_grad(dbias, grads[1], cfg, c)
+                for n, grad in enumerate(grads[len(leaves) :]):
+                    if grad is not None:
+                        d_captured[n] = grad if d_captured[n] is None else d_captured[n].add_(grad)
             else:
                 if mask_c is not None and cfg.mask_fill == "min":
                     ds5 = ds.view(z, kh, c.q1 - c.q0, g, tc)
@@ -451,7 +528,8 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops, seed, out, row_max, r
         dk[:, :, k0:k1] = dk_j.view(z, kh, kc, d)
         dv[:, :, k0:k1] = dv_j.view(z, kh, kc, e)
     dt = ops.q.dtype
-    return dq.to(dt), dk.to(dt), dv.to(dt), None if dbias is None else dbias.to(ops.bias.dtype)
+    grads = dq.to(dt), dk.to(dt), dv.to(dt), None if dbias is None else dbias.to(ops.bias.dtype)
+    return grads if not captured else (*grads, d_captured)
 
 
 def _scores_with_graph(s, cfg, mods, ops, c, bias_c, mask_c, need_bias_grad):
