@@ -17,6 +17,7 @@ from .._spec import (
     AttentionInputError,
     Dims,
     check_float_dtypes,
+    describe,
     heads_first_dims,
     operand_shape,
     padded_operand_shape,
@@ -52,6 +53,13 @@ def _operand(name: str, x, dims: Dims, like: torch.Tensor, *, boolean: bool) -> 
         raise AttentionInputError(f"{name} is on {x.device} but query is on {like.device}")
     x = torch.as_tensor(x, device=like.device)
     if boolean:
+        if x.is_floating_point() and x.numel() and bool(((x != 0) & (x != 1)).any()):
+            # An additive 0/-inf mask would be read with Flax's nonzero rule as the inverse mask.
+            raise AttentionInputError(
+                f"{name} is a float tensor (dtype {x.dtype}) with values other than 0 and 1: a "
+                f"{name} keeps a score where it is True/nonzero, so an additive mask (0 / -inf) "
+                f"would be inverted; pass additive masks as bias=, or a bool {name}"
+            )
         if x.dtype != torch.bool:
             x = x != 0  # Flax's rule: any nonzero value keeps
     elif not x.is_floating_point():
@@ -65,6 +73,10 @@ def _operand(name: str, x, dims: Dims, like: torch.Tensor, *, boolean: bool) -> 
 def _int_array(name: str, x, like: torch.Tensor) -> torch.Tensor | None:
     if x is None:
         return None
+    if isinstance(x, torch.Tensor) and x.device != like.device:
+        raise AttentionInputError(
+            f"{name} is on device {x.device} but query is on {like.device}; move it to {like.device}"
+        )
     x = torch.as_tensor(x, device=like.device)
     if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
         raise AttentionInputError(f"{name} must be an integer tensor, got dtype {x.dtype}")
@@ -100,6 +112,8 @@ def _attention(
     operand_names: tuple[str, str] = ("mask", "bias"),
 ):
     """Validate the rest, build the config and run the kernel on kernel-layout q/k/v."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     qlen = _int_array("query_seq_lengths", query_seq_lengths, q5)
     kvlen = _int_array("key_value_seq_lengths", key_value_seq_lengths, q5)
     qseg = _int_array("query_segment_ids", query_segment_ids, q5)
@@ -278,6 +292,131 @@ def efficient_dot_product_attention(
     return out, lse.permute(0, 2, 1, 3).reshape(*dims.batch, dims.q_len, dims.q_heads)
 
 
+def _causal_bias_alignment(attn_mask, query: torch.Tensor, key: torch.Tensor) -> str | None:
+    """``"top_left"``/``"bottom_right"`` for a ``torch.nn.attention.bias.CausalBias`` (checked
+    against L and S), None for anything else. Touches no torch function: a CausalBias intercepts
+    them all."""
+    try:
+        from torch.nn.attention.bias import CausalBias, CausalVariant
+    except ImportError:  # pragma: no cover (torch < 2.2)
+        return None
+    if not isinstance(attn_mask, CausalBias):
+        return None
+    q_len, kv_len = query.shape[-2:-1].numel(), key.shape[-2:-1].numel()  # (1 dim: the shape check)
+    if min(query.dim(), key.dim()) >= 2 and (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (q_len, kv_len):
+        raise AttentionInputError(
+            f"attn_mask is a CausalBias for (L, S) = ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}), "
+            f"but query has L={q_len} (shape {describe(query.shape)}) and key has S={kv_len} "
+            f"(shape {describe(key.shape)}); build it with the query and key lengths"
+        )
+    if attn_mask.variant == CausalVariant.UPPER_LEFT:
+        return "top_left"
+    if attn_mask.variant == CausalVariant.LOWER_RIGHT:
+        return "bottom_right"
+    raise AttentionInputError(f"attn_mask has an unknown CausalBias variant {attn_mask.variant!r}")
+
+
+def _broadcast_heads_first(query, key, value, enable_gqa: bool):
+    """Torch SDPA's broadcasting of ``[B..., H, L, D]`` operands: the dims before the last two
+    broadcast between query, key and value (a missing head axis is one head). Returns expanded
+    views with one batch shape, the ``enable_gqa`` to check them with (True where key/value keep a
+    single head shared by every query head) and the output's shape before ``(L, E)``; or None
+    where they do not broadcast (``heads_first_dims`` then says why)."""
+    shapes = [tuple(t.shape) for t in (query, key, value)]
+    if min(len(s) for s in shapes) < (3 if enable_gqa else 2):
+        return None
+    rank = max(3, *(len(s) for s in shapes))
+    padded = [(1,) * (rank - len(s)) + s for s in shapes]
+    try:
+        batch_shape = tuple(torch.broadcast_shapes(*(s[:-3] for s in padded)))
+    except RuntimeError:
+        return None
+    hq, hk, hv = (s[-3] for s in padded)
+    gqa = enable_gqa
+    if enable_gqa:
+        if hk != hv and 1 in (hk, hv):
+            hk = hv = max(hk, hv)
+        heads, out_lead = (hq, hk, hv), (*batch_shape, hq)
+    else:
+        try:
+            out_lead = tuple(torch.broadcast_shapes(*(s[:-2] for s in shapes)))
+        except RuntimeError:
+            return None
+        h = max(hq, hk, hv)
+        if hk == hv == 1 and hq > 1:
+            heads, gqa = (hq, 1, 1), True  # one key/value head shared by all: no copies
+        else:
+            heads = (h, h, h)
+    tensors = []
+    for t, s, heads_t in zip((query, key, value), padded, heads):
+        t = t.reshape(s) if t.dim() < rank else t
+        if s[:-3] != batch_shape or s[-3] != heads_t:
+            t = t.expand(*batch_shape, heads_t, *s[-2:])
+        tensors.append(t)
+    return tensors, gqa, out_lead
+
+
+def _jagged_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """Jagged nested tensors ``[B, H, j, D]`` (``torch.jagged`` layout, ragged dim 2, as torch
+    SDPA takes them): packed into one sequence ``[1, total, H, D]`` with segment ids, so each
+    sequence attends only to its own keys; returns a jagged ``[B, H, j, E]`` with the query's
+    offsets. Differentiable."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not (isinstance(t, torch.Tensor) and t.is_nested and t.layout == torch.jagged):
+            kind = (
+                "a strided nested tensor"
+                if isinstance(t, torch.Tensor) and t.is_nested
+                else (f"a {'dense tensor' if isinstance(t, torch.Tensor) else type(t).__name__}")
+            )
+            raise AttentionInputError(
+                f"{name} is {kind}; nested inputs must all be jagged nested tensors "
+                "(torch.nested.nested_tensor(..., layout=torch.jagged)). For padded or packed "
+                "batches use efficient_dot_product_attention with key_value_seq_lengths= or "
+                "query_segment_ids=/key_segment_ids="
+            )
+        if t.dim() != 4 or t._ragged_idx != 2:
+            raise AttentionInputError(
+                f"{name} is a jagged nested tensor of shape {tuple(t.shape)} with ragged dim "
+                f"{t._ragged_idx}; it needs [B, H, j, D] with the ragged length at dim 2 (a "
+                "jagged [B, j, H, D] needs .transpose(1, 2))"
+            )
+        if t._lengths is not None:
+            raise AttentionInputError(
+                f"{name} is a non-contiguous jagged nested tensor (with holes); call .contiguous()"
+            )
+    if attn_mask is not None:
+        raise AttentionInputError(
+            "attn_mask is not supported with nested tensors (nor by torch); use "
+            "efficient_dot_product_attention with query_segment_ids=/key_segment_ids= and bias="
+        )
+    q_off, k_off, v_off = query.offsets(), key.offsets(), value.offsets()
+    if k_off is not v_off and not torch.equal(k_off, v_off):
+        raise AttentionInputError("key and value need the same sequence lengths (offsets)")
+    if q_off.shape != k_off.shape:
+        raise AttentionInputError(f"query has {q_off.numel() - 1} sequences but key has {k_off.numel() - 1}")
+    if is_causal and q_off is not k_off and not torch.equal(q_off, k_off):
+        raise AttentionInputError(
+            "is_causal=True with nested tensors needs query and key of the same sequence lengths"
+        )
+    hq, hk = query.shape[1], key.shape[1]
+    if hq != hk and not enable_gqa:
+        raise AttentionInputError(
+            f"query has {hq} heads (shape {tuple(query.shape)}) but key has {hk} (shape "
+            f"{tuple(key.shape)}); pass enable_gqa=True for grouped-query attention"
+        )
+    b = q_off.numel() - 1
+    q_vals, k_vals, v_vals = (t.transpose(1, 2).values() for t in (query, key, value))  # [T, H, D]
+    ids = torch.arange(b, device=q_off.device)
+    q_seg = torch.repeat_interleave(ids, q_off.diff(), output_size=q_vals.shape[0])
+    k_seg = torch.repeat_interleave(ids, k_off.diff(), output_size=k_vals.shape[0])
+    out = efficient_dot_product_attention(
+        q_vals[None], k_vals[None], v_vals[None],
+        scale=scale, is_causal=is_causal, dropout_rate=dropout_p,
+        query_segment_ids=q_seg[None].to(query.device), key_segment_ids=k_seg[None].to(query.device),
+    )  # fmt: skip
+    return torch.nested.nested_tensor_from_jagged(out[0], offsets=q_off).transpose(1, 2)
+
+
 def scaled_dot_product_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -295,8 +434,14 @@ def scaled_dot_product_attention(
       query: ``[B..., H, L, D]``.
       key: ``[B..., K, S, D]`` (``K == H``, or ``H % K == 0`` with ``enable_gqa=True``).
       value: ``[B..., K, S, E]``.
+        As in torch, the dims before ``(L, D)`` broadcast between query, key and value (expanded
+        as views; gradients are summed back to each input's shape), and jagged nested tensors
+        ``[B, H, j, D]`` (``layout=torch.jagged``, after ``.transpose(1, 2)``) are taken: packed
+        into one sequence with segment ids, returned jagged with the query's offsets.
       attn_mask: broadcastable to ``[B..., H, L, S]``: bool (True takes part) or float (added to
-        the scores, same dtype as query).
+        the scores; float32 or the query's dtype), or ``torch.nn.attention.bias``'s
+        ``causal_upper_left(L, S)`` / ``causal_lower_right(L, S)`` (computed as ``is_causal``
+        with the matching alignment, never materialised).
       dropout_p: dropout on the attention probabilities (uses torch's global RNG).
       is_causal: top-left causal mask (``tril``); not together with ``attn_mask``.
       scale: default ``1/sqrt(D)``.
@@ -318,8 +463,18 @@ def scaled_dot_product_attention(
         >>> bool(torch.allclose(out, ref, atol=1e-5))
         True
     """
+    if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
+        return _jagged_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     _check_qkv(query, key, value)
-    dims = heads_first_dims(query.shape, key.shape, value.shape, enable_gqa=enable_gqa)
+    causal_alignment = _causal_bias_alignment(attn_mask, query, key)
+    if causal_alignment is not None:
+        if is_causal:
+            raise AttentionInputError(
+                "attn_mask is a CausalBias and is_causal=True; pass one of them (as in torch)"
+            )
+        attn_mask, is_causal = None, True
+    else:
+        causal_alignment = "top_left"
     if is_causal and attn_mask is not None:
         raise AttentionInputError(
             "is_causal=True and attn_mask are exclusive (as in torch); fold causality into the mask"
@@ -330,18 +485,26 @@ def scaled_dot_product_attention(
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
         if attn_mask.dtype == torch.bool:
             mask = attn_mask
-        elif attn_mask.dtype != query.dtype:
+        elif attn_mask.dtype not in (query.dtype, torch.float32):
             raise AttentionInputError(
-                f"a float attn_mask must have the query's dtype {query.dtype}, got {attn_mask.dtype}"
+                f"attn_mask has dtype {attn_mask.dtype}; it must be bool, float32 or the query's "
+                f"dtype {query.dtype} (as in torch)"
             )
         else:
             bias = attn_mask
+    broadcast = _broadcast_heads_first(query, key, value, enable_gqa)
+    out_lead = None
+    if broadcast is not None:
+        (query, key, value), enable_gqa, out_lead = broadcast
+    dims = heads_first_dims(query.shape, key.shape, value.shape, enable_gqa=enable_gqa)
     z, kh, g = dims.batch_size, dims.kv_heads, dims.groups
     q5 = query.reshape(z, kh, g, dims.q_len, dims.qk_depth).transpose(2, 3)
     k4 = key.reshape(z, kh, dims.kv_len, dims.qk_depth)
     v4 = value.reshape(z, kh, dims.kv_len, dims.v_depth)
     out, _ = _attention(
         q5, k4, v4, dims, mask=mask, bias=bias, mask_fill="exclude", scale=scale,
-        is_causal=is_causal, dropout_rate=dropout_p, operand_names=("attn_mask", "attn_mask"),
+        is_causal=is_causal, causal_alignment=causal_alignment, dropout_rate=dropout_p,
+        operand_names=("attn_mask", "attn_mask"),
     )  # fmt: skip
-    return out.transpose(2, 3).reshape(*dims.batch, dims.q_heads, dims.q_len, dims.v_depth)
+    out = out.transpose(2, 3).reshape(*dims.batch, dims.q_heads, dims.q_len, dims.v_depth)
+    return out if out_lead is None else out.reshape(*out_lead, dims.q_len, dims.v_depth)
