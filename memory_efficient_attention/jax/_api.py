@@ -8,6 +8,7 @@ Shape legend (``memory_efficient_attention._spec``): ``B...`` batch dims (any nu
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
@@ -26,7 +27,7 @@ from .._spec import (
     seed_dims,
 )
 from ._function import chunked_attention
-from ._kernel import Mods, Operands, attention_forward, log_sum_exp
+from ._kernel import Mods, Operands, attention_forward, close_mods, log_sum_exp, no_key
 
 AUTODIFF = ("vjp", "native")
 
@@ -62,6 +63,14 @@ def _operand(name: str, x, dims: Dims, *, boolean: bool):
     return jnp.broadcast_to(x, padded_operand_shape(x.shape, dims)).reshape(kernel_shape)
 
 
+def _arrays(**named) -> dict:
+    """Array arguments given as lists or scalars, as JAX arrays (None and arrays unchanged)."""
+    return {
+        name: x if x is None or isinstance(x, (jax.Array, np.ndarray)) else jnp.asarray(x)
+        for name, x in named.items()
+    }
+
+
 def _int_array(name: str, x):
     if x is None:
         return None
@@ -85,6 +94,90 @@ def _dropout_key(rng):
     return rng
 
 
+def _check_mask_values(mask) -> None:
+    """A float ``mask`` keeps a score where it is nonzero (Flax's rule), so an additive 0/-inf
+    mask would silently come out inverted: refuse one holding anything but 0 and 1. Only concrete
+    values can be checked; a mask traced under ``jit``/``vmap``/``grad`` is taken as given.
+    Integer masks are not checked (as in the torch function)."""
+    if mask is None or isinstance(mask, jax.core.Tracer):
+        return
+    if not hasattr(mask, "dtype"):
+        mask = np.asarray(mask)
+    if not jnp.issubdtype(mask.dtype, jnp.floating) or mask.size == 0:
+        return
+    if not bool(jnp.all((mask == 0) | (mask == 1))):
+        raise AttentionInputError(
+            f"mask has dtype {mask.dtype} and values other than 0 and 1: a mask keeps a score where "
+            "it is nonzero, so an additive mask (0 / -inf or 0 / -1e9) would come out inverted; "
+            "pass an additive mask as bias=, or a bool mask (True keeps)"
+        )
+
+
+def _fold_array_scale(q, scale):
+    """A ``scale`` that is a JAX array (traced under ``jit``, or concrete) cannot be a static
+    number: multiply the query by it (in the query's dtype, as the kernel applies a static scale)
+    and run the kernel with scale 1. Gradients w.r.t. the query and the scale then flow through
+    this product. Returns ``(q, static scale or None)``."""
+    if not isinstance(scale, jax.Array):
+        return q, scale
+    if scale.shape != ():
+        raise AttentionInputError(f"scale must be a scalar, got an array of shape {describe(scale.shape)}")
+    if not (jnp.issubdtype(scale.dtype, jnp.floating) or jnp.issubdtype(scale.dtype, jnp.integer)):
+        raise AttentionInputError(f"scale must be a real number or None, got an array of dtype {scale.dtype}")
+    return q * scale.astype(q.dtype), 1.0
+
+
+# Eager calls (outside any JAX transformation) run one ``jax.jit``-compiled function per static
+# configuration: without it every eager call re-traces the chunk loops (``lax.scan`` of fresh
+# closures), compiles them again and keeps the executables (~1 s and ~2 MiB a call).
+_DYNAMIC = object()  # marks an array leaf in the static key
+
+
+def _at_top_level() -> bool:
+    """True outside every JAX trace (``jit``, ``grad``, ``vmap``, ...). Under a trace the
+    functions run inline: user callables may close over that trace's tracers, which a cached
+    compiled function must never capture. Unknown (private API moved): False, i.e. inline."""
+    try:
+        from jax._src import core
+
+        return bool(core.trace_state_clean())
+    except Exception:  # pragma: no cover - depends on the JAX version
+        return False
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _compiled(impl, treedef, key, dynamic):
+    arrays = iter(dynamic)
+    leaves = [next(arrays) if k is _DYNAMIC else k[1] for k in key]
+    return impl(**jax.tree.unflatten(treedef, leaves))
+
+
+def _dispatch(impl, kwargs: dict):
+    """``impl(**kwargs)``; at top level through ``_compiled``: array leaves (anywhere in the
+    arguments, ``calc_fn_data`` included) are its traced inputs, every other leaf (numbers,
+    strings, callables by identity) and the tree structure are the static key, so a repeated eager
+    call with the same shapes and static arguments reuses one executable, as ``jax.jit`` would.
+    Callables are keyed by identity: like any jitted function, they must be pure."""
+    if not _at_top_level():
+        return impl(**kwargs)
+    leaves, treedef = jax.tree.flatten(kwargs)
+    dynamic, key = [], []
+    for leaf in leaves:
+        if isinstance(leaf, (jax.Array, np.ndarray)):
+            if isinstance(leaf, jax.core.Tracer):  # a leaked tracer: let JAX report it inline
+                return impl(**kwargs)
+            dynamic.append(leaf)
+            key.append(_DYNAMIC)
+        else:
+            key.append((type(leaf), leaf))  # the type too: True and 1 must not share an entry
+    key = tuple(key)
+    try:
+        hash(key)
+    except TypeError:  # an unhashable static argument: no cache entry, run eagerly
+        return impl(**kwargs)
+    return _compiled(impl, treedef, key, tuple(dynamic))
+
+
 def _attention(q5, k4, v4, dims: Dims, *, mask=None, bias=None, mask_fill="min", precision=None,
                query_chunk_size=None, key_chunk_size=None, memory_budget=None, scale=None,
                is_causal=False, causal_alignment="top_left", local_window_size=None,
@@ -92,7 +185,11 @@ def _attention(q5, k4, v4, dims: Dims, *, mask=None, bias=None, mask_fill="min",
                key_segment_ids=None, score_mod=None, mask_mod=None, logits_soft_cap=None,
                dropout_rate=0.0, dropout_rng=None, calc_fns=(None, None, None), calc_fn_data=None,
                autodiff="vjp"):  # fmt: skip
-    """Validate the rest, build the config and run the kernel on q/k/v in its layout ([Z, L, H, ...])."""
+    """Validate the rest, build the config and run the kernel on q/k/v in its layout ([Z, L, H, ...]).
+
+    Returns ``(out, lse)``; ``lse`` is finite, ``finfo.min`` for a row with no key left
+    (``_kernel.no_key``), so no inf arises unless a caller makes one (``jax.debug_infs``)."""
+    q5, scale = _fold_array_scale(q5, scale)
     qlen = _int_array("query_seq_lengths", query_seq_lengths)
     kvlen = _int_array("key_value_seq_lengths", key_value_seq_lengths)
     qseg = _int_array("query_segment_ids", query_segment_ids)
@@ -135,12 +232,14 @@ def _attention(q5, k4, v4, dims: Dims, *, mask=None, bias=None, mask_fill="min",
         calc_fn_data,
         _dropout_key(dropout_rng) if cfg.dropout else None,
     )
-    mods = Mods(score_mod, mask_mod, *calc_fns, precision)
+    # score_mod/mask_mod closure-converted: traced values they close over become operands
+    mods, consts = close_mods(cfg, Mods(score_mod, mask_mod, *calc_fns, precision))
+    ops = ops._replace(consts=consts)
     if autodiff not in AUTODIFF:
         raise AttentionInputError(f"autodiff must be one of {AUTODIFF}, got {autodiff!r}")
     if autodiff == "native":  # JAX differentiates the chunked loops itself, in every mode
         out, row_max, row_sum = attention_forward(cfg, mods, ops)
-        return out, log_sum_exp(row_max, row_sum)
+        return out, log_sum_exp(row_max, row_sum, finite=True)
     return chunked_attention(cfg, mods, ops)
 
 
@@ -183,7 +282,10 @@ def efficient_dot_product_attention(
         K/V: query head ``h`` uses key/value head ``h // (H // K)``).
       value: ``[B..., S, K, E]``.
       mask: bool, broadcastable to ``[B..., H, L, S]``; False masks a score to ``finfo.min`` (the
-        seed's and Flax's rule: a row masked everywhere averages the values). Dense masks cost
+        seed's and Flax's rule: a row masked everywhere averages the values). A numeric mask
+        keeps where nonzero (Flax's rule); a float one must hold only 0 and 1: anything else (an
+        additive 0 / -inf mask belongs in ``bias``) raises ``AttentionInputError``, where the
+        values are concrete (a mask traced under ``jit`` cannot be checked). Dense masks cost
         O(L*S) memory: prefer the structured arguments below.
       bias: float, broadcastable to ``[B..., H, L, S]``, added to the scores; gets a gradient.
       precision: ``jax.lax.Precision`` of the matmuls (default HIGHEST).
@@ -197,8 +299,9 @@ def efficient_dot_product_attention(
       key_value_seq_lengths, query_segment_ids, key_segment_ids, score_mod, mask_mod,
       logits_soft_cap: as in ``memory_efficient_attention.torch.efficient_dot_product_attention``.
         ``score_mod``/``mask_mod`` are traced once per call on ``[Z, K, q_chunk, G, k_chunk]``
-        grids and may close over concrete arrays (closures over traced values work under ``jit``
-        but do not receive gradients; pass such parameters as a ``bias``).
+        grids and may close over arrays, traced ones too (a learnable ALiBi slope): those are
+        taken out with ``jax.closure_convert`` and get gradients under ``grad``. Their results
+        are checked (dtype, a shape broadcastable to that grid), as are the callbacks'.
       dropout_rate, dropout_rng: dropout on the normalised probabilities from a ``jax.random``
         key; the backward regenerates the keep mask instead of storing it.
       return_lse: also return the log-sum-exp of each row, ``[B..., L, H]`` (float32; float64 for
@@ -211,8 +314,14 @@ def efficient_dot_product_attention(
         chunk by chunk in O(n) memory, and every mode and order works, but reverse mode in this
         setting stores each chunk's probabilities (memory like dense attention).
 
+    ``scale`` may be a number, a numpy scalar or a 0-d JAX array, traced too (under ``jit``,
+    with a gradient): an array scale multiplies the query before the kernel.
+
     Structured masks exclude keys: a query row with no key left outputs 0 with zero gradient.
-    Works under ``jit``, ``vmap``, ``grad`` (and ``grad`` of ``grad``).
+    Works under ``jit``, ``vmap``, ``grad`` (and ``grad`` of ``grad``). Called eagerly (outside
+    any transformation), it runs one ``jax.jit``-compiled function per static configuration
+    (shapes, dtypes, the non-array arguments, callables by identity), so repeated eager calls do
+    not recompile; as with ``jax.jit``, callables must be pure (a global they read is baked in).
 
     Returns:
       ``[B..., L, H, E]`` in the input dtype (and the lse with ``return_lse``).
@@ -229,7 +338,24 @@ def efficient_dot_product_attention(
         >>> bool(jnp.allclose(out, ref, atol=1e-5))
         True
     """
+    kwargs = dict(locals())  # every argument (nothing else is defined yet)
     query, key, value = _check_qkv(query, key, value)
+    kwargs.update(query=query, key=key, value=value, **_arrays(mask=mask, bias=bias,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        query_segment_ids=query_segment_ids, key_segment_ids=key_segment_ids))  # fmt: skip
+    _check_mask_values(kwargs["mask"])
+    return _dispatch(_efficient_dot_product_attention, kwargs)
+
+
+def _efficient_dot_product_attention(
+    *, query, key, value, mask, bias, precision, query_chunk_size, key_chunk_size, bias_calc_fn,
+    mask_calc_fn, weights_calc_fn, calc_fn_data, scale, is_causal, causal_alignment,
+    local_window_size, query_seq_lengths, key_value_seq_lengths, query_segment_ids,
+    key_segment_ids, score_mod, mask_mod, logits_soft_cap, dropout_rate, dropout_rng, return_lse,
+    memory_budget, autodiff,
+):  # fmt: skip
+    """The body of ``efficient_dot_product_attention`` (compiled once per static configuration
+    when called eagerly, see ``_dispatch``)."""
     dims = seed_dims(query.shape, key.shape, value.shape)
     z, kh = dims.batch_size, dims.kv_heads
     q4 = query.reshape(z, dims.q_len, dims.q_heads, dims.qk_depth)
@@ -250,7 +376,21 @@ def efficient_dot_product_attention(
     out = out.reshape(*dims.batch, dims.q_len, dims.q_heads, dims.v_depth)
     if not return_lse:
         return out
+    lse = jnp.where(no_key(lse), -jnp.inf, lse)  # the documented lse of a row with no key
     return out, lse.reshape(*dims.batch, dims.q_len, dims.q_heads)
+
+
+def _check_cudnn() -> None:
+    """``implementation="cudnn"`` where jax would fail: no CUDA GPU backend with cuDNN."""
+    try:
+        from jax._src.lib import cuda_versions
+    except ImportError:  # pragma: no cover - depends on the JAX version
+        cuda_versions = None
+    if cuda_versions is None or jax.default_backend() != "gpu":
+        raise RuntimeError(
+            "cuDNN is not detected. implementation='cudnn' needs a CUDA GPU with cuDNN (backend "
+            f"here: {jax.default_backend()}); pass implementation=None or 'xla' to run anywhere"
+        )
 
 
 def _large_negative(dtype) -> float:
@@ -282,16 +422,22 @@ def dot_product_attention(
       key, value: ``[B, S, K, H]`` or ``[S, K, H]``; ``N % K == 0`` (grouped-query attention).
       bias: added to the logits, broadcastable to ``[B, N, T, S]``.
       mask: bool, broadcastable to ``[B, N, T, S]``; True takes part.
-      scale: default ``1/sqrt(H)``.
+      scale: default ``1/sqrt(H)``; a number, a numpy scalar or a 0-d JAX array (traced under
+        ``jit`` too, with a gradient).
       is_causal: top-left causal mask.
       query_seq_lengths, key_value_seq_lengths: integer ``[B]``.
       local_window_size: ``w`` or ``(left, right)``: query ``t`` sees keys ``t-left .. t+right``.
-      implementation: accepted for compatibility: None or ``"xla"`` (our kernel runs either way).
+      implementation: None or ``"xla"``: our kernel. ``"cudnn"`` raises ``RuntimeError`` as jax
+        does where no cuDNN GPU backend is present; where one is, our kernel runs in its place
+        (cuDNN's flash attention is not called, and its shape/dtype limits do not apply).
       return_residual: also return the log-sum-exp ``[B, T, N]`` (no gradient), as jax does.
 
     As in jax, masked logits are a large finite negative number, so a row whose every key is
     masked returns the mean of the values; rows past ``query_seq_lengths`` are zero. Our kernel
     excludes masked keys (so it can skip whole blocks) and then applies exactly that rule.
+    Empty shapes pass as in jax: ``B``, ``T`` or ``S`` may be 0 (``S = 0``: zeros, residual
+    ``-inf``). Eager calls are compiled once per static configuration (see
+    ``efficient_dot_product_attention``).
 
     Example::
 
@@ -306,7 +452,22 @@ def dot_product_attention(
     """
     if implementation not in (None, "xla", "cudnn"):
         raise AttentionInputError(f"Unsupported implementation option: {implementation!r}")
+    if implementation == "cudnn":
+        _check_cudnn()
+    kwargs = dict(locals())  # every argument (and implementation checked)
     query, key, value = _check_qkv(query, key, value)
+    kwargs.update(query=query, key=key, value=value, **_arrays(mask=mask, bias=bias,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths))  # fmt: skip
+    del kwargs["implementation"]
+    return _dispatch(_dot_product_attention, kwargs)
+
+
+def _dot_product_attention(
+    *, query, key, value, bias, mask, scale, is_causal, query_seq_lengths, key_value_seq_lengths,
+    local_window_size, return_residual,
+):  # fmt: skip
+    """The body of ``dot_product_attention`` (compiled once per static configuration when called
+    eagerly, see ``_dispatch``)."""
     output_shape = query.shape
 
     def ensure_4d(x):
@@ -318,13 +479,20 @@ def dot_product_attention(
             raise AttentionInputError(
                 f"{name} must be [B, T, N, H] or [T, N, H], got shape {describe(x.shape)}"
             )
+    if value.shape[-1] != key.shape[-1]:
+        # jax.nn.dot_product_attention needs value.shape == key.shape ([B, S, K, H]).
+        raise AttentionInputError(
+            f"value must have the depth H of key (jax.nn.dot_product_attention needs value shape "
+            f"== key shape [B, S, K, H]): key has shape {describe(key.shape)} (H={key.shape[-1]}), "
+            f"value has shape {describe(value.shape)} (H={value.shape[-1]}); for a different value "
+            "depth use efficient_dot_product_attention"
+        )
     if mask is not None:
-        mask = jnp.asarray(mask)
         if mask.dtype != jnp.bool_:
             raise AttentionInputError(f"mask must be a bool array (True takes part), got dtype {mask.dtype}")
         mask = ensure_4d(mask)
     if bias is not None:
-        bias = ensure_4d(jnp.asarray(bias))
+        bias = ensure_4d(bias)
     dims = seed_dims(query.shape, key.shape, value.shape)
     z, g = dims.batch_size, dims.groups
     q4, k4, v4 = query, key, value
@@ -335,10 +503,12 @@ def dot_product_attention(
     )  # fmt: skip
     # jax's rule for rows with no key left: every logit is the same finite number, so the row
     # averages all values (and its lse is that number + log S).
-    empty = lse == -jnp.inf  # [Z, T, N]
-    mean_v = v4.astype(jnp.promote_types(v4.dtype, jnp.float32)).mean(axis=1)  # [Z, K, H]
-    mean_v = jnp.repeat(mean_v, g, axis=1)  # query head n = k * G + g
-    out = jnp.where(empty[..., None], mean_v[:, None].astype(out.dtype), out)
+    # With S = 0 there is nothing to average: jax gives zeros (and lse -inf), as the kernel does.
+    empty = no_key(lse)  # [Z, T, N]
+    if dims.kv_len:
+        mean_v = v4.astype(jnp.promote_types(v4.dtype, jnp.float32)).mean(axis=1)  # [Z, K, H]
+        mean_v = jnp.repeat(mean_v, g, axis=1)  # query head n = k * G + g
+        out = jnp.where(empty[..., None], mean_v[:, None].astype(out.dtype), out)
     if query_seq_lengths is not None:
         rows = jnp.arange(dims.q_len).reshape(1, -1, 1, 1)
         out = out * (rows < jnp.asarray(query_seq_lengths).reshape(z, 1, 1, 1)).astype(out.dtype)
@@ -346,6 +516,9 @@ def dot_product_attention(
     if not return_residual:
         return out
     large_neg = _large_negative(query.dtype)
-    lse = jnp.where(empty, large_neg + np.log(dims.kv_len), lse)
+    if dims.kv_len:
+        lse = jnp.where(empty, large_neg + np.log(dims.kv_len), lse)
+    else:
+        lse = jnp.full_like(lse, -jnp.inf)
     lse = lax.stop_gradient(lse.reshape(output_shape[:-1]).astype(key.dtype))
     return out, lse

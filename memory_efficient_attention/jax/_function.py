@@ -18,14 +18,15 @@ from ._kernel import Mods, Operands, attention_backward, attention_forward, log_
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def chunked_attention(cfg: KernelConfig, mods: Mods, ops: Operands):
-    """``(out, lse)``; the forward saves inputs, output and two numbers per row."""
+    """``(out, lse)``, ``lse`` finite (``finfo.min`` for a row with no key: ``_kernel.no_key``);
+    the forward saves inputs, output and two numbers per row."""
     out, row_max, row_sum = attention_forward(cfg, mods, ops)
-    return out, log_sum_exp(row_max, row_sum)
+    return out, log_sum_exp(row_max, row_sum, finite=True)
 
 
 def _fwd(cfg: KernelConfig, mods: Mods, ops: Operands):
     out, row_max, row_sum = attention_forward(cfg, mods, ops)
-    return (out, log_sum_exp(row_max, row_sum)), (ops, out, row_max, row_sum)
+    return (out, log_sum_exp(row_max, row_sum, finite=True)), (ops, out, row_max, row_sum)
 
 
 def _float0_like(x):
@@ -35,7 +36,9 @@ def _float0_like(x):
 def _bwd(cfg: KernelConfig, mods: Mods, residuals, cotangents):
     ops, out, row_max, row_sum = residuals
     d_out, d_lse = cotangents
-    dq, dk, dv, dbias, ddata = attention_backward(cfg, mods, ops, out, row_max, row_sum, d_out, d_lse)
+    dq, dk, dv, dbias, (ddata, dconsts) = attention_backward(
+        cfg, mods, ops, out, row_max, row_sum, d_out, d_lse
+    )
     return (
         Operands(
             dq,
@@ -49,6 +52,7 @@ def _bwd(cfg: KernelConfig, mods: Mods, residuals, cotangents):
             _float0_like(ops.kv_segments),
             ddata,
             _float0_like(ops.dropout_key),
+            dconsts,
         ),
     )
 

@@ -17,7 +17,13 @@ padding, never clamping), and static trip counts let every transform differentia
 Per-row state lives in ``[Z, L, H, ...]`` buffers, so the order of the pairs does not matter.
 Lengths and segments skip blocks at run time with ``lax.cond``. The backward
 differentiates the chunk's score pipeline with ``jax.vjp`` (matmul, soft cap, bias, callbacks,
-mods and masks in one function), so every feature has its gradient from one definition.
+mods and masks in one function), so every feature has its gradient from one definition; values
+that ``score_mod``/``mask_mod`` close over arrive as operands (``close_mods``) and get theirs too.
+
+Numerics: an excluded key's score is ``-inf`` inside a step only. The running max starts at
+``finfo.min`` and rows with no key keep it (``log_sum_exp(..., finite=True)`` gives them
+``finfo.min``), so no loop carry or output holds an inf (``jax.debug_infs``). Probabilities are
+``exp(min(s, max) - max)`` (``_shifted``): never above 1, even for extreme finite scores.
 """
 
 from __future__ import annotations
@@ -31,12 +37,19 @@ from jax import lax
 
 from .._config import KernelConfig, chunk_keep
 from .._masks import PARTIAL
+from .._spec import check_callable_result
 
-_NEG_INF = -jnp.inf
+_NEG_INF = -jnp.inf  # an excluded key's score (inside a step only; never in a loop carry)
+
+# What score_mod and mask_mod results must broadcast to: the score chunk handed to score_mod.
+_SCORE_LEGEND = "[Z, K, lc, G, kc] (batch, key/value heads, query chunk, heads per key/value head, key chunk)"
 
 
 class Mods(NamedTuple):
-    """User callables and the matmul precision: static (hashable) for ``jit``/``custom_vjp``."""
+    """User callables and the matmul precision: static (hashable) for ``jit``/``custom_vjp``.
+
+    After ``close_mods``, ``score_mod``/``mask_mod`` take the values they closed over as extra
+    trailing arguments (``Operands.consts``), so no tracer hides in a static argument."""
 
     score_mod: Any = None
     mask_mod: Any = None
@@ -64,6 +77,7 @@ class Operands(NamedTuple):
     kv_segments: jax.Array | None = None  # [Z, S]
     data: Any = None  # calc_fn_data of the seed callbacks (a pytree)
     dropout_key: jax.Array | None = None  # raw key data (uint32)
+    consts: Any = None  # (score_mod's, mask_mod's) closed-over traced values (``close_mods``)
 
 
 class _Chunk(NamedTuple):
@@ -132,7 +146,7 @@ def _skip_or(ops: Operands, c: _Chunk, compute, carry):
 def _rows(x, c: _Chunk, dtype=None):
     """The query rows of ``c`` from a ``[Z, L, H, ...]`` array, head-major: ``[Z, K, lc, G, ...]``."""
     part = lax.dynamic_slice_in_dim(x, c.q0, c.lc, axis=1)
-    part = part.reshape(*part.shape[:2], -1, c.groups, *part.shape[3:])
+    part = part.reshape(*part.shape[:2], part.shape[2] // c.groups, c.groups, *part.shape[3:])
     part = jnp.swapaxes(part, 1, 2)
     return part if dtype is None else part.astype(dtype)
 
@@ -207,9 +221,10 @@ def _seed_to_chunk(x, cfg: KernelConfig):
     nb = len(dims.batch)
     x = jnp.asarray(x)
     x = x.reshape((1,) * (nb + 3 - x.ndim) + x.shape)
+    zb = 1
     if any(s != 1 for s in x.shape[:nb]):
-        x = jnp.broadcast_to(x, (*dims.batch, *x.shape[nb:]))
-    return _operand_chunk(x.reshape(-1, *x.shape[nb:]), cfg)
+        x, zb = jnp.broadcast_to(x, (*dims.batch, *x.shape[nb:])), dims.batch_size
+    return _operand_chunk(x.reshape(zb, *x.shape[nb:]), cfg)
 
 
 def _chunk_to_seed(x, cfg: KernelConfig):
@@ -254,6 +269,25 @@ def _scores(cfg: KernelConfig, mods: Mods, ops: Operands, c: _Chunk, qi, kj, bia
     return _score_pipeline(cfg, mods, ops, c, s, bias_s, data)
 
 
+def _shifted(s, m):
+    """``s - m`` for scores ``s`` and a max ``m`` (broadcast), with the value ``min(s, m) - m``:
+    never above 0, so ``exp`` never overflows. Both parts matter at extreme scores (~1e9 in
+    float32): XLA fuses a product ending the scores (a depth-1 matmul becomes a multiply) into the
+    subtraction as one FMA, which sees the unrounded product, up to half an ulp (hundreds) above
+    the max taken from the rounded one; ``min`` rounds it first. The backward's recomputed scores
+    may also differ from the forward's by a rounding (another summation order).
+
+    The derivative is that of ``s - m`` (``m`` is a ``stop_gradient``-ed max) in every order:
+    where ``s >= m`` the value 0 is written ``t - stop_gradient(t)`` (``min`` would halve the
+    derivative at the tie), elsewhere ``min`` picks ``s``; a ``custom_jvp`` would be simpler, but
+    JAX mis-differentiates one inside ``lax.scan`` under forward-over-reverse (``hessian``). No
+    NaN for excluded keys (``s = -inf``: the second branch, ``-inf``)."""
+    m = lax.stop_gradient(m)
+    top = s >= m
+    s_top = jnp.where(top, s, m)
+    return jnp.where(top, s_top - lax.stop_gradient(s_top), jnp.minimum(s, m) - m)
+
+
 def _plain_scores(cfg: KernelConfig, mods: Mods, ops: Operands, c: _Chunk) -> bool:
     """Whether the scores of ``c`` are the scaled matmul alone (nothing after it to differentiate)."""
     return (
@@ -292,7 +326,9 @@ def _score_pipeline(
             s = jnp.where(lay(_operand_chunk(mask_s, cfg)), s, _fill_value(cfg, cdt))
     if mods.score_mod is not None:
         full, (q_idx, k_idx, b_idx, h_idx) = _full_size(unlay(s), cfg, c)
-        full = jnp.broadcast_to(mods.score_mod(full, b_idx, h_idx, q_idx, k_idx), full.shape)
+        modded = mods.score_mod(full, b_idx, h_idx, q_idx, k_idx, *_consts(ops, 0))
+        check_callable_result("score_mod", modded, full.shape, _SCORE_LEGEND, want="float")
+        full = jnp.broadcast_to(modded, full.shape)
         s = lay(full[:, :, : c.lc, :, : c.kc].astype(cdt))
     if c.kind == PARTIAL and cfg.structure.any:
         s = jnp.where(lay(_keep(cfg, mods, ops, c)), s, _NEG_INF)
@@ -303,16 +339,46 @@ def _fill_value(cfg: KernelConfig, dtype):
     return jnp.finfo(dtype).min if cfg.mask_fill == "min" else _NEG_INF
 
 
+def _consts(ops: Operands, which: int):
+    """The closed-over values ``close_mods`` took out of score_mod (0) or mask_mod (1)."""
+    return () if ops.consts is None else ops.consts[which]
+
+
+def close_mods(cfg: KernelConfig, mods: Mods):
+    """``(mods, consts)``: ``score_mod``/``mask_mod`` closure-converted (``jax.closure_convert``)
+    on the grids the kernel calls them with, and the traced values they closed over (an ALiBi
+    slope under ``grad``, a threshold under ``jit``), for ``Operands.consts``. Static ``Mods``
+    then hold no tracer, and float consts get gradients through the score pipeline's ``vjp``
+    (as ``calc_fn_data`` does). ``consts`` is None without mods."""
+    if mods.score_mod is None and mods.mask_mod is None:
+        return mods, None
+    dims, sds, idx = cfg.dims, jax.ShapeDtypeStruct, jnp.int32
+    kh, g = dims.kv_heads, dims.groups
+    grids = (
+        sds((dims.batch_size, 1, 1, 1, 1), idx),
+        sds((1, kh, 1, g, 1), idx),
+        sds((1, 1, cfg.q_chunk, 1, 1), idx),
+        sds((1, 1, 1, 1, cfg.k_chunk), idx),
+    )
+    score_mod, score_consts = mods.score_mod, ()
+    if score_mod is not None:
+        scores = sds((dims.batch_size, kh, cfg.q_chunk, g, cfg.k_chunk), jnp.dtype(cfg.compute_dtype))
+        score_mod, score_consts = jax.closure_convert(score_mod, scores, *grids)
+    mask_mod, mask_consts = mods.mask_mod, ()
+    if mask_mod is not None:
+        mask_mod, mask_consts = jax.closure_convert(mask_mod, *grids)
+    return mods._replace(score_mod=score_mod, mask_mod=mask_mod), (tuple(score_consts), tuple(mask_consts))
+
+
 def _keep(cfg: KernelConfig, mods: Mods, ops: Operands, c: _Chunk):
     q_idx, k_idx, b_idx, h_idx = _index_grids(cfg, c, c.lc, c.kc)
     mask_mod = None
     if mods.mask_mod is not None:
         _, (fq, fk, fb, fh) = _full_size(None, cfg, c)
-        full = jnp.broadcast_to(
-            mods.mask_mod(fb, fh, fq, fk),
-            (cfg.dims.batch_size, cfg.dims.kv_heads, cfg.q_chunk, cfg.dims.groups, cfg.k_chunk),
-        )
-        mod_keep = full[:, :, : c.lc, :, : c.kc]
+        need = (cfg.dims.batch_size, cfg.dims.kv_heads, cfg.q_chunk, cfg.dims.groups, cfg.k_chunk)
+        keep = mods.mask_mod(fb, fh, fq, fk, *_consts(ops, 1))
+        check_callable_result("mask_mod", keep, need, _SCORE_LEGEND, want="bool")
+        mod_keep = jnp.broadcast_to(keep, need)[:, :, : c.lc, :, : c.kc]
 
         def mask_mod(*_):
             return mod_keep
@@ -353,20 +419,27 @@ def _seed_callbacks(s, cfg: KernelConfig, mods: Mods, c: _Chunk, bias_s, mask_s,
     # The seed's offsets were JAX's default integer (int64 with x64): callbacks mix them with ints.
     index = jax.dtypes.canonicalize_dtype(jnp.int64)
     c = c._replace(q0=jnp.asarray(c.q0, index), k0=jnp.asarray(c.k0, index))
+    # A bias or mask callback may return None (the seed's "no bias/mask for this chunk").
+    chunk = (*dims.batch, dims.q_heads, c.lc, c.kc)
     bias_c = _operand_chunk(bias_s, cfg)
     if mods.bias_calc_fn is not None:
         bias = mods.bias_calc_fn(c.q0, c.k0, _chunk_to_seed(bias_s, cfg), seed_weights(s), data)
+        if bias is not None:
+            check_callable_result("bias_calc_fn", bias, chunk, "[B..., H, lc, kc]", want="float")
         bias_c = None if bias is None else _seed_to_chunk(bias, cfg)
     if bias_c is not None:
         s = s + bias_c.astype(s.dtype)
     mask_c = _operand_chunk(mask_s, cfg)
     if mods.mask_calc_fn is not None:
         mask = mods.mask_calc_fn(c.q0, c.k0, _chunk_to_seed(mask_s, cfg), seed_weights(s), data)
+        if mask is not None:
+            check_callable_result("mask_calc_fn", mask, chunk, "[B..., H, lc, kc]", want="bool")
         mask_c = None if mask is None else _seed_to_chunk(mask, cfg)
     if mask_c is not None:
         s = jnp.where(mask_c, s, _fill_value(cfg, s.dtype))
     if mods.weights_calc_fn is not None:
         w = mods.weights_calc_fn(c.q0, c.k0, seed_weights(s), data)
+        check_callable_result("weights_calc_fn", w, seed_shape, "[B..., lc, H, kc]", want="float")
         s = from_seed_weights(w).astype(s.dtype)
     return s
 
@@ -389,7 +462,8 @@ def _dropout_scale(shape, cfg: KernelConfig, key_data, c: _Chunk, dtype):
 
 
 def attention_forward(cfg: KernelConfig, mods: Mods, ops: Operands):
-    """Returns ``out [Z, L, H, E]`` (input dtype), ``row_max``, ``row_sum`` ``[Z, L, H]``.
+    """Returns ``out [Z, L, H, E]`` (input dtype), ``row_max``, ``row_sum`` ``[Z, L, H]``
+    (a row with no key: 0, ``finfo.min``, 0).
 
     The running max, sum and accumulator of every row live in ``[Z, L, H, ...]`` buffers; each
     tile reads and writes back the rows of its query chunk."""
@@ -403,11 +477,12 @@ def attention_forward(cfg: KernelConfig, mods: Mods, ops: Operands):
             qi, kj, bias_s = _rows(ops.q, c, cdt), _keys(ops.k, c, cdt), _operand_slice(ops.bias, c)
             s = _scores(cfg, mods, ops, c, qi, kj, bias_s, ops.data)
             m, l, acc = _rows(m_all, c), _rows(l_all, c), _rows(acc_all, c)
-            # The running max only stabilises (the result does not depend on it).
+            # The running max only stabilises (the result does not depend on it). It starts at
+            # finfo.min: an excluded key (-inf) then gets exp(-inf - m) = 0 with no -inf - -inf,
+            # and no loop carry holds an inf (jax.debug_infs).
             m_new = lax.stop_gradient(jnp.maximum(m, s.max(axis=-1)))
-            m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new).astype(cdt)  # no key yet: no NaN
-            p = jnp.exp(s - m_safe[..., None])
-            alpha = jnp.exp(m - m_safe)
+            p = jnp.exp(_shifted(s, m_new[..., None]))
+            alpha = jnp.exp(m - m_new)
             l = alpha * l + p.sum(axis=-1)
             if cfg.dropout:
                 p = p * _dropout_scale(p.shape, cfg, ops.dropout_key, c, cdt)
@@ -421,21 +496,31 @@ def attention_forward(cfg: KernelConfig, mods: Mods, ops: Operands):
         return _skip_or(ops, c, compute, state)
 
     init = (
-        jnp.full((z, dims.q_len, h), _NEG_INF, cdt),
+        jnp.full((z, dims.q_len, h), jnp.finfo(cdt).min, cdt),
         jnp.zeros((z, dims.q_len, h), cdt),
         jnp.zeros((z, dims.q_len, h, e), cdt),
     )
     m, l, acc = _pair_loop(cfg, pair, _varying_like(init, ops.q, ops.k, ops.v))
-    m_safe = jnp.where(m == _NEG_INF, 0.0, m).astype(cdt)
     kept = l > 0
     out = acc / jnp.where(kept, l, 1.0)[..., None] * kept[..., None]
-    return out.astype(ops.q.dtype), m_safe, l
+    return out.astype(ops.q.dtype), m, l
 
 
-def log_sum_exp(row_max, row_sum):
-    """``lse = max + log(sum)``; ``-inf`` for rows with no key left."""
-    safe = jnp.where(row_sum > 0, row_sum, 1.0)
-    return jnp.where(row_sum > 0, row_max + jnp.log(safe), _NEG_INF)
+def log_sum_exp(row_max, row_sum, *, finite: bool = False):
+    """``lse = max + log(sum)``; for rows with no key left ``-inf`` or, with ``finite``,
+    ``finfo.min`` (``no_key`` tells them; a row with keys stays above it): no inf anywhere
+    (``jax.debug_infs``) unless a caller asks for the ``-inf``."""
+    kept = row_sum > 0
+    lse = row_max + jnp.log(jnp.where(kept, row_sum, 1.0))
+    if not finite:
+        return jnp.where(kept, lse, _NEG_INF)
+    lo = jnp.finfo(lse.dtype).min
+    return jnp.where(kept, jnp.maximum(lse, np.nextafter(lo, np.zeros((), lo.dtype))), lo)
+
+
+def no_key(lse):
+    """Where a ``log_sum_exp(..., finite=True)`` row had no key left."""
+    return lse == jnp.finfo(lse.dtype).min
 
 
 # ------------------------------------------------------------------------------------------------
@@ -444,8 +529,9 @@ def log_sum_exp(row_max, row_sum):
 
 
 def attention_backward(cfg: KernelConfig, mods: Mods, ops: Operands, out, row_max, row_sum, d_out, d_lse):
-    """Gradients ``dq, dk, dv`` (layout of q, k, v; their dtype), ``dbias`` (its own shape) and the
-    gradient of the callbacks' ``data`` (float leaves; zeros elsewhere).
+    """Gradients ``dq, dk, dv`` (layout of q, k, v; their dtype), ``dbias`` (its own shape) and
+    ``(d data, d consts)``: those of the callbacks' ``data`` and of ``ops.consts`` (float leaves;
+    zeros elsewhere).
 
     Rows are scaled by 1/sum: P = exp(s - max) / sum, so with dO' = dO / sum and D' = D / sum,
     dV = P~^T dO', dP' = dO' V^T, dS = P~ * (dP' - D'), P~ = exp(s - max): exact for every row.
@@ -458,7 +544,9 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops: Operands, out, row_ma
     if d_lse is not None:
         delta = delta - jnp.nan_to_num(d_lse.astype(cdt), nan=0.0, posinf=0.0, neginf=0.0)
     delta_s = delta * inv_l
-    data_grad_mask, data_zero = _data_grad_setup(ops.data)
+    # calc_fn_data and the mods' closed-over values: their float leaves get gradients.
+    diff = (ops.data, ops.consts)
+    data_grad_mask, data_zero = _data_grad_setup(diff)
 
     scale = jnp.asarray(cfg.scale, cdt)
 
@@ -472,16 +560,17 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops: Operands, out, row_ma
             # Transposed scores [Z, K, kc, lc, G]: every large matmul operand is then row-major
             # for XLA's dot (no transposed copy of a chunk), and the small ones are transposed.
             s = _matmul("zksd,zklgd->zkslg", kj, qi, mods)
-            bias_s, data_f = _operand_slice(ops.bias, c), _data_split(ops.data, data_grad_mask)
+            bias_s, data_f = _operand_slice(ops.bias, c), _data_split(diff, data_grad_mask)
             plain = _plain_scores(cfg, mods, ops, c)
             if not plain:
 
                 def pipeline(s, bias_s, data_f):
-                    data = _data_merge(ops.data, data_f, data_grad_mask)
-                    return _score_pipeline(cfg, mods, ops, c, s, bias_s, data, keys_first=True)
+                    data, consts = _data_merge(diff, data_f, data_grad_mask)
+                    o = ops._replace(consts=consts)
+                    return _score_pipeline(cfg, mods, o, c, s, bias_s, data, keys_first=True)
 
                 s, pipeline_vjp = jax.vjp(pipeline, s, bias_s, data_f)
-            p = jnp.exp(s - _rows(row_max, c)[:, :, None])
+            p = jnp.exp(_shifted(s, _rows(row_max, c)[:, :, None]))
             pd = p
             if cfg.dropout:
                 drop = _dropout_scale(p.shape[:2] + p.shape[3:] + p.shape[2:3], cfg, ops.dropout_key, c, cdt)
@@ -515,8 +604,7 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops: Operands, out, row_ma
     )
     dq, dk, dv, dbias, ddata = _pair_loop(cfg, pair, _varying_like(init, ops.q, ops.k, ops.v, d_out))
     dt = ops.q.dtype
-    ddata = _data_merge_grad(ops.data, ddata, data_grad_mask)
-    return dq.astype(dt), dk.astype(dt), dv.astype(dt), dbias, ddata
+    return dq.astype(dt), dk.astype(dt), dv.astype(dt), dbias, _data_merge_grad(diff, ddata, data_grad_mask)
 
 
 def _matmul(spec: str, x, y, mods: Mods):
