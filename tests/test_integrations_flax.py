@@ -102,3 +102,15 @@ def test_nnx_dropout():
     det = layer(x, deterministic=True)
     out = layer(x, deterministic=False)
     assert out.shape == det.shape and not jnp.allclose(out, det, atol=1e-3)
+
+
+def test_float_mask_with_any_nonzero_values_keeps_like_flax():
+    """Flax keeps a score where the mask is nonzero; the kernel itself refuses float masks with
+    values other than 0/1 (an additive mask there would be inverted), so the integration hands
+    it a bool mask."""
+    x, _, valid = _inputs()
+    scale = jax.random.uniform(jax.random.key(7), (B, 1, L, L), minval=0.5, maxval=2.0)
+    mask = nn.make_attention_mask(valid, valid) * scale  # float32, values 0 and (0.5, 2)
+    ours, ref = _linen_pair()
+    params = ref.init(jax.random.key(1), x, mask=mask)
+    assert jnp.allclose(ours.apply(params, x, mask=mask), ref.apply(params, x, mask=mask), atol=1e-5)

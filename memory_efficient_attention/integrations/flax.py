@@ -98,10 +98,14 @@ def dot_product_attention(
     if dtype is None:
         dtype = jnp.result_type(query, key, value)
     query, key, value = (jnp.asarray(x, dtype) for x in (query, key, value))
+    if mask is not None:
+        # Flax's rule: any nonzero entry keeps (make_causal_mask / make_attention_mask return
+        # float32 0/1). The kernel takes this bool mask as given (it refuses float masks holding
+        # other values than 0/1, which Flax would read as "keep").
+        mask = jnp.asarray(mask) != 0
     if mask is not None and is_causal:
         # Flax folds causality into the dense mask (finfo.min fill): do the same, so that a row
         # the mask empties behaves exactly as in Flax.
-        mask = jnp.asarray(mask) != 0
         length, kv_length = query.shape[-3], key.shape[-3]
         mask = mask & jnp.tril(jnp.ones((length, kv_length), dtype=bool))
         is_causal = False
