@@ -53,7 +53,10 @@ class AttentionInputError(ValueError):
 #   averages the values (as Flax does).
 # * Structured masks (causal, windows, lengths, segments, mask_mod) and boolean masks of the
 #   drop-ins *exclude* keys (score -inf). A row with no key left outputs 0, has lse = -inf and
-#   gets zero gradient; the kernels guard exp(-inf - -inf) so no NaN appears.
+#   gets zero gradient. The JAX kernel starts each running max at finfo.min (no inf is ever
+#   held, so it runs under jax.debug_infs); the torch kernel guards exp(-inf - -inf); no NaN.
+# * Every finite input that dense attention handles gives a finite result: huge scores switch
+#   the torch kernel from base-2 to natural units; the JAX kernel shifts by min(s, max) - max.
 # --------------------------------------------------------------------------------------------
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")

@@ -468,3 +468,27 @@ def test_layer_built_the_0_2_way_warns_that_the_layout_changed():
         warnings.simplefilter("error")
         MultiheadAttention(32, 4, num_kv_heads=2, is_causal=True, batch_first=True)
         MultiheadAttention(32, 4)  # a torch-style layer never warns
+
+
+@pytest.mark.parametrize("lengths", [(0, 5), (4, 0), (0, 0)])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_empty_lengths_match_torch(lengths, need_weights):
+    # L = 0 or S = 0 (item 13): torch returns empty outputs / zero rows; so do we, with gradients
+    tgt, src = lengths
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(16, 4, batch_first=True, dtype=F64)
+    ours = MultiheadAttention(16, 4, batch_first=True, dtype=F64)
+    ours.load_state_dict(ref.state_dict())
+    q = torch.randn(2, tgt, 16, dtype=F64, requires_grad=True)
+    kv = torch.randn(2, src, 16, dtype=F64, requires_grad=True)
+    with torch.no_grad():  # nonzero output bias: S = 0 rows are out_proj(0) = the bias, in both
+        ref.out_proj.bias.normal_()
+        ours.out_proj.bias.copy_(ref.out_proj.bias)
+    out, w = ours(q, kv, kv, need_weights=need_weights)
+    out_ref, w_ref = ref(q, kv, kv, need_weights=need_weights)
+    torch.testing.assert_close(out, out_ref)
+    assert (w is None) == (w_ref is None)
+    if w is not None:
+        assert w.shape == w_ref.shape and not w.any()
+    out.sum().backward()
+    assert q.grad.shape == q.shape and not torch.isnan(q.grad).any()

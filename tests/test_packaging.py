@@ -43,6 +43,11 @@ def test_all_extra_covers_every_documented_integration():
         ("memory_efficient_attention.torch", "torch", "torch"),
         ("memory_efficient_attention.jax", "jax", "jax"),
         ("memory_efficient_attention.torch.modules", "torch", "torch"),
+        ("memory_efficient_attention.integrations.transformers", "transformers", "transformers"),
+        ("memory_efficient_attention.integrations.transformers", "torch", "torch"),
+        ("memory_efficient_attention.integrations.flax", "jax", "jax"),
+        ("memory_efficient_attention.distributed.torch", "torch", "torch"),
+        ("memory_efficient_attention.distributed.jax", "jax", "jax"),
     ],
 )
 def test_missing_framework_names_the_extra(module, missing, extra):

@@ -16,18 +16,22 @@ Only ``q, k, v, out, lse`` are saved.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Hashable
-from functools import partial
+from .._require import require
 
-import jax
-import jax.numpy as jnp
-from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+require("jax", "jax", __name__)
 
-from .._config import KernelConfig
-from .._spec import AttentionInputError, Dims, check_float_dtypes, seed_dims
-from ..jax._kernel import (
+import dataclasses  # noqa: E402
+from collections.abc import Hashable  # noqa: E402
+from functools import partial  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+
+from .._config import KernelConfig  # noqa: E402
+from .._spec import AttentionInputError, Dims, check_float_dtypes, seed_dims  # noqa: E402
+from ..jax._kernel import (  # noqa: E402
     Mods,
     Operands,
     _varying_like,
@@ -35,7 +39,7 @@ from ..jax._kernel import (
     attention_forward,
     log_sum_exp,
 )
-from ._plan import Block, block_config, check_layout, relations, step_block, zigzag_permutation
+from ._plan import Block, block_config, check_layout, relations, step_block, zigzag_permutation  # noqa: E402
 
 __all__ = ["from_zigzag", "ring_attention", "ring_attention_sharded", "to_zigzag"]
 

@@ -16,17 +16,21 @@ locally and sends the ``dK``/``dV`` accumulators around the ring, one hop behind
 
 from __future__ import annotations
 
-import dataclasses
+from .._require import require
 
-import torch
-import torch.distributed as dist
-from torch.autograd.function import once_differentiable
+require("torch", "torch", __name__)
 
-from .._config import KernelConfig
-from .._spec import AttentionInputError, Dims, check_float_dtypes, seed_dims
-from ..torch._function import Operands
-from ..torch._kernel import Mods, _unit, attention_backward, attention_forward, log_sum_exp
-from ._plan import Block, block_config, check_layout, step_block, zigzag_permutation
+import dataclasses  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.autograd.function import once_differentiable  # noqa: E402
+
+from .._config import KernelConfig  # noqa: E402
+from .._spec import AttentionInputError, Dims, check_float_dtypes, seed_dims  # noqa: E402
+from ..torch._function import Operands  # noqa: E402
+from ..torch._kernel import Mods, _unit, attention_backward, attention_forward, log_sum_exp  # noqa: E402
+from ._plan import Block, block_config, check_layout, step_block, zigzag_permutation  # noqa: E402
 
 __all__ = ["from_zigzag", "ring_attention", "to_zigzag"]
 

@@ -19,11 +19,15 @@ chunk and cannot broadcast it. Both are unbiased dropout at the same rate.
 
 from __future__ import annotations
 
-from typing import Any
+from .._require import require
 
-import jax.numpy as jnp
+require("jax", "jax", __name__)
 
-from ..jax._api import efficient_dot_product_attention
+from typing import Any  # noqa: E402
+
+import jax.numpy as jnp  # noqa: E402
+
+from ..jax._api import efficient_dot_product_attention  # noqa: E402
 
 __all__ = ["dot_product_attention"]
 

@@ -37,17 +37,22 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from .._require import require
 
-import torch
-from transformers import AttentionInterface
-from transformers import masking_utils as hf_masks
-from transformers.masking_utils import AttentionMaskInterface
+require("torch", "torch", __name__)
+require("transformers", "transformers", __name__)
 
-from .._spec import heads_first_dims
-from ..torch._api import _attention, _check_qkv
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+from transformers import AttentionInterface  # noqa: E402
+from transformers import masking_utils as hf_masks  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
+
+from .._spec import heads_first_dims  # noqa: E402
+from ..torch._api import _attention, _check_qkv  # noqa: E402
 
 __all__ = ["StructuredAttentionMask", "attention_forward", "register", "structured_mask"]
 

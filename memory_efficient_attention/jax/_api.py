@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike
 
 from .._config import make_config
 from .._spec import (
@@ -244,12 +245,12 @@ def _attention(q5, k4, v4, dims: Dims, *, mask=None, bias=None, mask_fill="min",
 
 
 def efficient_dot_product_attention(
-    query,
-    key,
-    value,
-    mask=None,
-    bias=None,
-    precision=lax.Precision.HIGHEST,
+    query: ArrayLike,
+    key: ArrayLike,
+    value: ArrayLike,
+    mask: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    precision: lax.PrecisionLike = lax.Precision.HIGHEST,
     query_chunk_size: int | None = None,
     key_chunk_size: int | None = None,
     bias_calc_fn: Callable | None = None,
@@ -257,23 +258,23 @@ def efficient_dot_product_attention(
     weights_calc_fn: Callable | None = None,
     calc_fn_data: Any = None,
     *,
-    scale: float | None = None,
+    scale: float | ArrayLike | None = None,
     is_causal: bool = False,
     causal_alignment: str = "top_left",
     local_window_size: int | tuple[int, int] | None = None,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    query_segment_ids=None,
-    key_segment_ids=None,
+    query_seq_lengths: ArrayLike | None = None,
+    key_value_seq_lengths: ArrayLike | None = None,
+    query_segment_ids: ArrayLike | None = None,
+    key_segment_ids: ArrayLike | None = None,
     score_mod: Callable | None = None,
     mask_mod: Callable | None = None,
     logits_soft_cap: float | None = None,
     dropout_rate: float = 0.0,
-    dropout_rng=None,
+    dropout_rng: ArrayLike | None = None,
     return_lse: bool = False,
     memory_budget: int | str | None = None,
     autodiff: str = "vjp",
-):
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Exact attention in O(n) memory, forward and backward (seed-compatible signature).
 
     Args:
@@ -401,20 +402,20 @@ def _large_negative(dtype) -> float:
 
 
 def dot_product_attention(
-    query,
-    key,
-    value,
-    bias=None,
-    mask=None,
+    query: ArrayLike,
+    key: ArrayLike,
+    value: ArrayLike,
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
     *,
-    scale: float | None = None,
+    scale: float | ArrayLike | None = None,
     is_causal: bool = False,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
+    query_seq_lengths: ArrayLike | None = None,
+    key_value_seq_lengths: ArrayLike | None = None,
     local_window_size: int | tuple[int, int] | None = None,
     implementation: str | None = None,
     return_residual: bool = False,
-):
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Drop-in for ``jax.nn.dot_product_attention`` with its exact semantics, in O(n) memory.
 
     Args:

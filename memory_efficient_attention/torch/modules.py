@@ -140,6 +140,9 @@ def _attention_weights(q, k, mask, bias, score_mod, structured, average, chunk):
     src_len, groups = k.shape[1], heads // k.shape[2]
     k = k.repeat_interleave(groups, dim=2)  # [B, S, H, D]: O(S), the weights are O(L*S) anyway
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    if bsz * tgt_len * src_len == 0:  # no query or no key: empty weights, or rows of zeros
+        shape = (bsz, tgt_len, src_len) if average else (bsz, heads, tgt_len, src_len)
+        return (q.sum() * 0 + k.sum() * 0).to(q.dtype).expand(shape).contiguous()
     if chunk is None:
         chunk = max(1, (1 << 22) // max(1, bsz * heads * src_len))
     dev = q.device
