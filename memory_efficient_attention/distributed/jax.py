@@ -31,14 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from .._config import KernelConfig  # noqa: E402
 from .._spec import AttentionInputError, Dims, check_float_dtypes, seed_dims  # noqa: E402
-from ..jax._kernel import (  # noqa: E402
-    Mods,
-    Operands,
-    _varying_like,
-    attention_backward,
-    attention_forward,
-    log_sum_exp,
-)
+from ..jax.kernel import backward_block, forward_block, varying_like  # noqa: E402
 from ._plan import Block, block_config, check_layout, relations, step_block, zigzag_permutation  # noqa: E402
 
 __all__ = ["from_zigzag", "ring_attention", "ring_attention_sharded", "to_zigzag"]
@@ -60,10 +53,6 @@ class _Ring:
     query_chunk_size: int | None
     key_chunk_size: int | None
     precision: lax.Precision | None
-
-    @property
-    def mods(self) -> Mods:
-        return Mods(precision=self.precision)
 
     def block(self, relation: str) -> Block | None:
         d = self.dims
@@ -108,7 +97,7 @@ def _varying_outputs(branch):
     """``branch`` with its outputs marked varying like its inputs (see ``_step``)."""
 
     def run(*args):
-        return _varying_like(branch(*args), *args)
+        return varying_like(branch(*args), *args)
 
     return run
 
@@ -121,10 +110,10 @@ def _block_forward(ring: _Ring, relation: str, q, k, v):
     blk = ring.block(relation)
     if blk is None:
         return out, lse
-    ops = Operands(q[:, blk.q0 : blk.q1], k[:, blk.k0 : blk.k1], v[:, blk.k0 : blk.k1])
-    o, row_max, row_sum = attention_forward(ring.config(blk), ring.mods, ops)
+    q_b, k_b, v_b = q[:, blk.q0 : blk.q1], k[:, blk.k0 : blk.k1], v[:, blk.k0 : blk.k1]
+    o, lse_b = forward_block(ring.config(blk), q_b, k_b, v_b, precision=ring.precision)
     out = out.at[:, blk.q0 : blk.q1].set(o.astype(cdt))
-    return out, lse.at[:, blk.q0 : blk.q1].set(log_sum_exp(row_max, row_sum).astype(cdt))
+    return out, lse.at[:, blk.q0 : blk.q1].set(lse_b.astype(cdt))
 
 
 def _block_backward(ring: _Ring, relation: str, q, k, v, out, lse, d_out):
@@ -142,13 +131,11 @@ def _block_backward(ring: _Ring, relation: str, q, k, v, out, lse, d_out):
         return dq, dk, dv
     rows = slice(blk.q0, blk.q1)
     keys = slice(blk.k0, blk.k1)
-    ops = Operands(q[:, rows], k[:, keys], v[:, keys])
-    has_keys = lse[:, rows] > _NEG_INF  # a row with no key at all gets zero gradient
-    row_max = jnp.where(has_keys, lse[:, rows], 0.0)
-    row_sum = has_keys.astype(cdt)
-    dq_b, dk_b, dv_b, _, _ = attention_backward(
-        ring.config(blk), ring.mods, ops, out[:, rows], row_max, row_sum, d_out[:, rows], None
-    )
+    # A row with no key at all (lse = -inf) gets zero gradient.
+    dq_b, dk_b, dv_b = backward_block(
+        ring.config(blk), q[:, rows], k[:, keys], v[:, keys], out[:, rows], lse[:, rows],
+        d_out[:, rows], precision=ring.precision,
+    )  # fmt: skip
     return (
         dq.at[:, rows].set(dq_b.astype(cdt)),
         dk.at[:, keys].set(dk_b.astype(cdt)),
@@ -194,7 +181,7 @@ def _ring_forward(ring: _Ring, q, k, v):
     cdt = jnp.dtype(_compute_dtype(ring))
     out = jnp.zeros((*q.shape[:-1], ring.dims.v_depth), cdt)
     lse = jnp.full(q.shape[:-1], _NEG_INF, cdt)
-    _, _, out, lse = lax.fori_loop(0, ring.world, step, _varying_like((k, v, out, lse), q, k, v))
+    _, _, out, lse = lax.fori_loop(0, ring.world, step, varying_like((k, v, out, lse), q, k, v))
     return out.astype(q.dtype), lse
 
 
@@ -222,7 +209,7 @@ def _ring_attention_bwd(ring: _Ring, residuals, d_out):
 
     cdt = jnp.dtype(_compute_dtype(ring))
     init = (k, v, jnp.zeros(q.shape, cdt), jnp.zeros(k.shape, cdt), jnp.zeros(v.shape, cdt))
-    _, _, dq, dk, dv = lax.fori_loop(0, ring.world, step, _varying_like(init, q, k, v))
+    _, _, dq, dk, dv = lax.fori_loop(0, ring.world, step, varying_like(init, q, k, v))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 

@@ -28,8 +28,7 @@ from torch.autograd.function import once_differentiable  # noqa: E402
 
 from .._config import KernelConfig  # noqa: E402
 from .._spec import AttentionInputError, Dims, check_float_dtypes, seed_dims  # noqa: E402
-from ..torch._function import Operands  # noqa: E402
-from ..torch._kernel import Mods, _unit, attention_backward, attention_forward, log_sum_exp  # noqa: E402
+from ..torch.kernel import backward_block, forward_block  # noqa: E402
 from ._plan import Block, block_config, check_layout, step_block, zigzag_permutation  # noqa: E402
 
 __all__ = ["from_zigzag", "ring_attention", "to_zigzag"]
@@ -119,10 +118,8 @@ def _wait(works) -> None:
 def _merge_block(ring: _Ring, blk: Block, out, lse, q, k, v) -> None:
     """Attend the block's rows to its keys and merge the result into ``(out, lse)`` in place,
     through the log-sum-exp (rows empty on both sides stay ``(0, -inf)``: no ``-inf - -inf``)."""
-    mods = Mods()
-    ops = Operands(q[:, :, blk.q0 : blk.q1], k[:, :, blk.k0 : blk.k1], v[:, :, blk.k0 : blk.k1])
-    o_b, row_max, row_sum = attention_forward(ring.config(blk, q.device), mods, ops, 0)
-    lse_b = log_sum_exp(row_max, row_sum, mods)
+    q_b, k_b, v_b = q[:, :, blk.q0 : blk.q1], k[:, :, blk.k0 : blk.k1], v[:, :, blk.k0 : blk.k1]
+    o_b, lse_b = forward_block(ring.config(blk, q.device), q_b, k_b, v_b)
     o_acc, l_acc = out[:, :, blk.q0 : blk.q1], lse[:, :, blk.q0 : blk.q1]
     m = torch.maximum(l_acc, lse_b)
     m = m.masked_fill(m == _NEG_INF, 0.0)
@@ -134,24 +131,14 @@ def _merge_block(ring: _Ring, blk: Block, out, lse, q, k, v) -> None:
 
 
 def _block_grads(ring: _Ring, blk: Block, q, k, v, out, lse, d_out):
-    """``(dq, dk, dv)`` of the block's rows and keys, given the *global* out and lse.
-
-    The kernel's backward recomputes ``P = exp(S - row_max) / row_sum``; with the global lse as
-    ``row_max`` (in the kernel's units) and 1 as ``row_sum`` that is the block's share of the global
-    softmax, so its gradients are exact parts of the global ones (``delta = rowsum(dO * O)`` uses
-    the global output). Rows with no key at all get ``row_sum = 0``: zero gradient."""
-    mods = Mods()
+    """``(dq, dk, dv)`` of the block's rows and keys, given the *global* out and lse: the block's
+    share of the global softmax (``backward_block``), so its gradients are exact parts of the
+    global ones. Rows with no key at all get zero gradient."""
     rows, keys = slice(blk.q0, blk.q1), slice(blk.k0, blk.k1)
-    lse_r = lse[:, :, rows]
-    has_keys = lse_r > _NEG_INF
-    row_max = torch.where(has_keys, lse_r * _unit(mods), torch.zeros((), dtype=lse.dtype))
-    row_sum = has_keys.to(lse.dtype)
-    ops = Operands(q[:, :, rows], k[:, :, keys], v[:, :, keys])
-    dq, dk, dv, _ = attention_backward(
-        ring.config(blk, q.device), mods, ops, 0, out[:, :, rows], row_max, row_sum,
-        d_out[:, :, rows], None, False,
+    return backward_block(
+        ring.config(blk, q.device), q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows],
+        lse[:, :, rows], d_out[:, :, rows],
     )  # fmt: skip
-    return dq, dk, dv
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Any  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
 
-from ..jax._api import efficient_dot_product_attention  # noqa: E402
+from ..jax import efficient_dot_product_attention  # noqa: E402
 
 __all__ = ["dot_product_attention"]
 

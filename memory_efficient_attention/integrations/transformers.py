@@ -52,7 +52,7 @@ from transformers import masking_utils as hf_masks  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
 from .._spec import heads_first_dims  # noqa: E402
-from ..torch._api import _attention, _check_qkv  # noqa: E402
+from ..torch import kernel  # noqa: E402
 
 __all__ = ["StructuredAttentionMask", "attention_forward", "register", "structured_mask"]
 
@@ -287,7 +287,7 @@ def attention_forward(
     """
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks (s_aux) are not supported by memory-efficient attention")
-    _check_qkv(query, key, value)
+    kernel.check_qkv(query, key, value)
     dims = heads_first_dims(query.shape, key.shape, value.shape, enable_gqa=True)
     B, L, S = dims.batch_size, dims.q_len, dims.kv_len
     kh, g = dims.kv_heads, dims.groups
@@ -327,7 +327,7 @@ def attention_forward(
         dropout_rate=float(dropout) if training else 0.0,
     )
     kernel_args.update(structure)
-    out, _ = _attention(q5, k4, v4, dims, **kernel_args)  # [B, K, L, G, E]
+    out, _ = kernel.attention(q5, k4, v4, dims, **kernel_args)  # [B, K, L, G, E]
     out = out.permute(0, 2, 1, 3, 4).reshape(B, L, dims.q_heads, dims.v_depth)
     weights = None
     if _attentions_requested(kwargs):
@@ -373,7 +373,7 @@ def _attention_weights(
         onehot[torch.arange(j0, j0 + c, device=query.device), torch.arange(c, device=query.device)] = 1
         value = onehot.expand(B, key.shape[1], S, c)
         dims = heads_first_dims(query.shape, key.shape, value.shape, enable_gqa=True)
-        p, _ = _attention(q5, k4, value, dims, **kernel_args)  # [B, K, L, G, c]
+        p, _ = kernel.attention(q5, k4, value, dims, **kernel_args)  # [B, K, L, G, c]
         blocks.append(p.permute(0, 1, 3, 2, 4).reshape(B, H, L, c))
     return torch.cat(blocks, dim=-1)
 

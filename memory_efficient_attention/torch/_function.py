@@ -45,7 +45,66 @@ class Operands(NamedTuple):
     kv_segments: torch.Tensor | None = None  # [Z, S]
 
 
-_N = len(Operands._fields)  # the Function's tensors: the operands, then the captured tensors
+# ------------------------------------------------------------------------------------------------
+# The Functions' flat arguments, addressed by name
+# ------------------------------------------------------------------------------------------------
+
+# The operands that get gradients; the others (masks, lengths, segment ids) are bool or integer.
+DIFFERENTIABLE = ("q", "k", "v", "bias")
+# ``Z``-led tensors of the backward that precede the operands in ``ChunkedAttentionGrad.apply``.
+_BACKWARD_ROWS = ("out", "row_max", "row_sum", "d_out", "d_lse")
+
+
+class _Flat:
+    """The flat arguments of a ``Function.apply`` (autograd wants them flat) addressed by name:
+    the leading arguments ``lead``, then (with ``operands``) one per ``Operands`` field, then
+    any number of trailing tensors (the captured ones).
+
+    ``split`` reads such a flat sequence (the arguments, ``ctx.needs_input_grad``, vmap's
+    ``in_dims``, a Function's outputs) into ``(dict of lead, Operands, tuple of the rest)``;
+    ``join`` builds one from names (absent names are None). No position is written anywhere
+    else: a new ``Operands`` field moves nothing by hand."""
+
+    def __init__(self, *lead: str, operands: bool = True):
+        self.lead = lead
+        self.operands = operands
+        self._stop = len(lead) + (len(Operands._fields) if operands else 0)
+
+    def split(self, flat) -> tuple[dict, Operands | None, tuple]:
+        flat = tuple(flat)
+        n = len(self.lead)
+        ops = Operands._make(flat[n : self._stop]) if self.operands else None
+        return dict(zip(self.lead, flat[:n])), ops, flat[self._stop :]
+
+    def join(self, lead=None, ops=None, rest=()) -> tuple:
+        """``lead``, ``ops``: mappings by name (an ``Operands`` is read by field)."""
+        lead = lead or {}
+        ops = (ops._asdict() if isinstance(ops, Operands) else ops) or {}
+        head = tuple(lead.get(name) for name in self.lead)
+        middle = tuple(ops.get(name) for name in Operands._fields) if self.operands else ()
+        return head + middle + tuple(rest)
+
+
+# ``ChunkedAttention.apply(cfg, mods, seed, *operands, *captured)``; its ``*tensors`` alone.
+_FORWARD = _Flat("cfg", "mods", "seed")
+_TENSORS = _Flat()
+# ``ChunkedAttentionGrad.apply(cfg, mods, seed, need, out, ..., d_lse, *operands, *captured)``.
+_BACKWARD = _Flat("cfg", "mods", "seed", "need", *_BACKWARD_ROWS)
+# ``ChunkedAttentionGrad``'s outputs: the gradients of ``DIFFERENTIABLE``, then of the captured.
+_GRADS = _Flat(*DIFFERENTIABLE, operands=False)
+
+
+class _Need(NamedTuple):
+    """Which inputs of ``ChunkedAttention`` need a gradient (a static argument of the backward)."""
+
+    ops: Operands  # of bools: only ``DIFFERENTIABLE`` fields can be True
+    captured: tuple[bool, ...]
+
+    @classmethod
+    def of(cls, needs_input_grad) -> _Need:
+        _, ops, captured = _FORWARD.split(needs_input_grad)
+        ops = Operands._make(bool(n) and f in DIFFERENTIABLE for f, n in zip(Operands._fields, ops))
+        return cls(ops, tuple(captured))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,19 +204,19 @@ def _choose_units(cfg: KernelConfig, mods: Mods, ops: Operands) -> None:
 class ChunkedAttention(torch.autograd.Function):
     """``(out, lse, row_max, row_sum) = attention(q, k, v, bias, ...)``.
 
-    ``tensors`` are the ``Operands`` followed by ``mods.captured``. Saves the inputs, the output
-    and two numbers per row. First derivatives use the chunked FlashAttention-2 backward; a
-    second derivative (the backward called with ``create_graph=True``) recomputes the forward
-    under autograd; forward mode (``jvp``) and ``torch.func.vmap`` have chunked rules of their
-    own (``_higher``), for which captured tensors must carry no tangent and not be mapped
-    (``chunked_attention`` refuses those).
+    ``tensors`` are the ``Operands`` followed by ``mods.captured`` (``_FORWARD``). Saves the
+    inputs, the output and two numbers per row. First derivatives use the chunked
+    FlashAttention-2 backward; a second derivative (the backward called with
+    ``create_graph=True``) recomputes the forward under autograd; forward mode (``jvp``) and
+    ``torch.func.vmap`` have chunked rules of their own (``_higher``), for which captured tensors
+    must carry no tangent and not be mapped (``chunked_attention`` refuses those).
 
     Units: base-2 unless ``_kernel._unit`` says otherwise; a forward in base-2 units whose scores
     overflowed them (finite scores beyond ``finfo.max / log2(e)``) is rerun in natural units."""
 
     @staticmethod
     def forward(cfg: KernelConfig, mods: Mods, seed: int, *tensors):
-        ops = Operands(*tensors[:_N])
+        _, ops, _ = _TENSORS.split(tensors)
         _choose_units(cfg, mods, ops)
         out, row_max, row_sum = attention_forward(cfg, mods, ops, seed)
         if (
@@ -172,9 +231,10 @@ class ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        cfg, mods, seed, *tensors = inputs
+        static, ops, captured = _FORWARD.split(inputs)
         out, _, row_max, row_sum = output
-        ctx.cfg, ctx.mods, ctx.seed = cfg, mods, seed
+        ctx.cfg, ctx.mods, ctx.seed = static["cfg"], static["mods"], static["seed"]
+        tensors = _TENSORS.join(ops=ops, rest=captured)
         ctx.save_for_backward(*tensors, out, row_max, row_sum)
         ctx.save_for_forward(*tensors, out, row_max, row_sum)
         ctx.mark_non_differentiable(row_max, row_sum)
@@ -182,74 +242,85 @@ class ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_lse, _d_max, _d_sum):
         *saved, out, row_max, row_sum = ctx.saved_tensors
-        need = tuple(ctx.needs_input_grad[3:7]) + tuple(ctx.needs_input_grad[3 + _N :])
-        grads = ChunkedAttentionGrad.apply(
-            ctx.cfg, ctx.mods, ctx.seed, need, out, row_max, row_sum, d_out, d_lse, *saved
-        )
-        return (None, None, None, *grads[:4]) + (None,) * (_N - 4) + tuple(grads[4:])
+        _, ops, captured = _TENSORS.split(saved)
+        lead = dict(
+            cfg=ctx.cfg, mods=ctx.mods, seed=ctx.seed, need=_Need.of(ctx.needs_input_grad),
+            out=out, row_max=row_max, row_sum=row_sum, d_out=d_out, d_lse=d_lse,
+        )  # fmt: skip
+        grads = ChunkedAttentionGrad.apply(*_BACKWARD.join(lead, ops, captured))
+        d_ops, _, d_captured = _GRADS.split(grads)
+        return _FORWARD.join(ops=d_ops, rest=d_captured)
 
     @staticmethod
-    def jvp(ctx, _cfg, _mods, _seed, *tangents):
+    def jvp(ctx, *tangents):
         # Captured tensors carry no tangent (``chunked_attention`` refuses those that do); torch.func
         # hands zeros for them.
         *saved, out, row_max, row_sum = ctx.saved_tensors
-        d_out, d_lse = attention_jvp(
-            ctx.cfg, ctx.mods, Operands(*saved[:_N]), ctx.seed, out, row_max, row_sum, tangents[:_N]
-        )
+        _, ops, _ = _TENSORS.split(saved)
+        _, t_ops, _ = _FORWARD.split(tangents)
+        d_out, d_lse = attention_jvp(ctx.cfg, ctx.mods, ops, ctx.seed, out, row_max, row_sum, t_ops)
         return d_out, d_lse, None, None
 
     @staticmethod
     def vmap(info, in_dims, cfg: KernelConfig, mods: Mods, seed: int, *tensors):
-        if any(d is not None for d in in_dims[3 + _N :]):
+        _, dims_ops, dims_captured = _FORWARD.split(in_dims)
+        if any(d is not None for d in dims_captured):
             raise NotImplementedError(
                 "torch.func.vmap over a tensor captured by score_mod or a calc_fn is not supported"
             )
-        cfg, folded = fold_vmap(info.batch_size, in_dims[3 : 3 + _N], cfg, tensors[:_N])
-        outputs = ChunkedAttention.apply(cfg, mods, seed, *folded, *tensors[_N:])
+        _, ops, captured = _TENSORS.split(tensors)
+        cfg, folded = fold_vmap(info.batch_size, dims_ops._asdict(), cfg, ops._asdict())
+        outputs = ChunkedAttention.apply(cfg, mods, seed, *_TENSORS.join(ops=folded, rest=captured))
         size = info.batch_size
-        return tuple(x.reshape(size, x.shape[0] // size, *x.shape[1:]) for x in outputs), (0, 0, 0, 0)
+        return tuple(x.reshape(size, x.shape[0] // size, *x.shape[1:]) for x in outputs), (0,) * len(outputs)
 
 
 class ChunkedAttentionGrad(torch.autograd.Function):
     """The chunked backward as a function of ``(d_out, d_lse, q, k, v, bias, *captured)``: its own
     backward (a second derivative) recomputes the forward under autograd and differentiates
-    twice. ``need`` says which of ``(q, k, v, bias, *captured)`` need a gradient."""
+    twice. ``need`` (a ``_Need``) says which of ``(q, k, v, bias, *captured)`` need a gradient.
+    Arguments: ``_BACKWARD``; outputs: ``_GRADS``."""
 
     @staticmethod
-    def forward(cfg, mods, seed, need, out, row_max, row_sum, d_out, d_lse, *tensors):
-        ops = Operands(*tensors[:_N])
+    def forward(cfg, mods, seed, need: _Need, out, row_max, row_sum, d_out, d_lse, *tensors):
+        _, ops, _ = _TENSORS.split(tensors)
         # The captured tensors as the callables hold them (autograd differentiates those objects).
-        captured = [t for t, n in zip(mods.captured, need[4:]) if n]
-        grads = attention_backward(
+        captured = [t for t, n in zip(mods.captured, need.captured) if n]
+        dq, dk, dv, dbias, *held = attention_backward(
             cfg, mods, ops, seed, out, row_max, row_sum, d_out, d_lse,
-            ops.bias is not None and need[3], captured=captured,
+            ops.bias is not None and need.ops.bias, captured=captured,
         )  # fmt: skip
-        by_captured = iter(grads[4] if captured else ())
-        d_captured = tuple(next(by_captured) if n else None for n in need[4:])
-        return tuple(g if n else None for g, n in zip(grads[:4], need)) + d_captured
+        d_ops = Operands(q=dq, k=dk, v=dv, bias=dbias)
+        (d_held,) = held or [()]  # the captured tensors' gradients come last when asked for
+        by_captured = iter(d_held)
+        d_captured = tuple(next(by_captured) if n else None for n in need.captured)
+        kept = {f: getattr(d_ops, f) if getattr(need.ops, f) else None for f in DIFFERENTIABLE}
+        return _GRADS.join(kept, rest=d_captured)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        cfg, mods, seed, need, _out, _max, _sum, d_out, d_lse, *tensors = inputs
-        ctx.cfg, ctx.mods, ctx.seed, ctx.need = cfg, mods, seed, need
-        ctx.save_for_backward(d_out, d_lse, *tensors)
+        lead, ops, captured = _BACKWARD.split(inputs)
+        ctx.cfg, ctx.mods, ctx.seed, ctx.need = lead["cfg"], lead["mods"], lead["seed"], lead["need"]
+        ctx.save_for_backward(lead["d_out"], lead["d_lse"], *_TENSORS.join(ops=ops, rest=captured))
 
     @staticmethod
     def backward(ctx, *grad_grads):
         d_out, d_lse, *saved = ctx.saved_tensors
-        ops = Operands(*saved[:_N])
-        firsts = [i for i, (t, n) in enumerate(zip(ops[:4], ctx.need)) if t is not None and n]
+        _, ops, _ = _TENSORS.split(saved)
+        gg_ops, _, gg_captured = _GRADS.split(grad_grads)
+        need = ctx.need
+        # The differentiable operands present, and those of them whose first gradient is asked for.
+        present = [f for f in DIFFERENTIABLE if getattr(ops, f) is not None]
+        firsts = [f for f in present if getattr(need.ops, f)]
         # Captured tensors: differentiated where the callables hold them (not replaced by leaves).
         captured = [t if t.requires_grad else None for t in ctx.mods.captured]
-        cap_firsts = [n for n, t in enumerate(captured) if t is not None and ctx.need[4 + n]]
+        cap_firsts = [n for n, t in enumerate(captured) if t is not None and need.captured[n]]
         with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(True) for t in (d_out, d_lse, *ops[:4]) if t is not None]
-            d_out_l, d_lse_l, *rest = leaves
-            inputs = list(ops)
-            for i, leaf in zip([i for i, t in enumerate(ops[:4]) if t is not None], rest):
-                inputs[i] = leaf
-            out, lse = attention_forward_differentiable(ctx.cfg, ctx.mods, Operands(*inputs), ctx.seed)
-            wrt = [inputs[i] for i in firsts] + [captured[n] for n in cap_firsts]
+            d_out_l, d_lse_l = (t.detach().requires_grad_(True) for t in (d_out, d_lse))
+            leaves = {f: getattr(ops, f).detach().requires_grad_(True) for f in present}
+            inputs = ops._replace(**leaves)
+            out, lse = attention_forward_differentiable(ctx.cfg, ctx.mods, inputs, ctx.seed)
+            wrt = [leaves[f] for f in firsts] + [captured[n] for n in cap_firsts]
             first = (
                 torch.autograd.grad(
                     (out, lse),
@@ -261,12 +332,9 @@ class ChunkedAttentionGrad(torch.autograd.Function):
                 if out.requires_grad or lse.requires_grad
                 else [None] * len(wrt)  # no query row or no key (L = 0, S = 0): nothing recorded
             )
-            total = sum(
-                (f * grad_grads[i]).sum()
-                for f, i in zip(first, firsts + [4 + n for n in cap_firsts])
-                if f is not None and grad_grads[i] is not None
-            )
-            targets = leaves + [t for t in captured if t is not None]
+            gg = [gg_ops[f] for f in firsts] + [gg_captured[n] for n in cap_firsts]
+            total = sum((f * g).sum() for f, g in zip(first, gg) if f is not None and g is not None)
+            targets = [d_out_l, d_lse_l, *leaves.values()] + [t for t in captured if t is not None]
             second = (
                 torch.autograd.grad(total, targets, allow_unused=True)
                 if torch.is_tensor(total) and total.requires_grad
@@ -274,30 +342,38 @@ class ChunkedAttentionGrad(torch.autograd.Function):
             )
         second = iter(second)
         d_d_out, d_d_lse = next(second), next(second)
-        by_input = [next(second) if t is not None else None for t in ops[:4]]
+        by_input = {f: next(second) for f in present}
         by_captured = [next(second) if t is not None else None for t in captured]
-        return (None,) * 7 + (d_d_out, d_d_lse, *by_input) + (None,) * (_N - 4) + tuple(by_captured)
+        lead = {"d_out": d_d_out, "d_lse": d_d_lse}
+        return _BACKWARD.join(lead, by_input, by_captured)
 
     @staticmethod
-    def vmap(info, in_dims, cfg, mods, seed, need, *tensors):
+    def vmap(info, in_dims, cfg, mods, seed, need: _Need, *tensors):
         size = info.batch_size
-        if any(need[4:]) or any(d is not None for d in in_dims[4 + 5 + _N :]):
+        dims_lead, dims_ops, dims_captured = _BACKWARD.split(in_dims)
+        if any(need.captured) or any(d is not None for d in dims_captured):
             raise NotImplementedError(
                 "torch.func.vmap of the backward with a tensor captured by score_mod or a calc_fn "
                 "that needs a gradient is not supported (one gradient per mapped instance)"
             )
+        lead, ops, captured = _BACKWARD.split((cfg, mods, seed, need, *tensors))
         # Z-led: out, row_max, row_sum, d_out, d_lse, then the operands (mask may stay broadcast;
         # the bias is expanded so that every mapped instance gets its own gradient).
-        fold = 5 + _N
-        cfg2, folded = fold_vmap(size, in_dims[4 : 4 + fold], cfg, tensors[:fold], broadcast=(9,))
-        grads = ChunkedAttentionGrad.apply(cfg2, mods, seed, need, *folded, *tensors[fold:])
-        bias, bias_dim = tensors[8], in_dims[4 + 8]
+        names = (*_BACKWARD_ROWS, *Operands._fields)
+        zled = {**lead, **ops._asdict()}
+        dims = {**dims_lead, **dims_ops._asdict()}
+        cfg2, folded = fold_vmap(
+            size, {n: dims[n] for n in names}, cfg, {n: zled[n] for n in names}, broadcast=("mask",)
+        )
+        grads = ChunkedAttentionGrad.apply(*_BACKWARD.join({**lead, **folded, "cfg": cfg2}, folded, captured))
+        d_ops, _, d_captured = _GRADS.split(grads)
         zb = cfg.dims.batch_size
-        if bias is not None:
+        if ops.bias is not None:
+            bias, bias_dim = ops.bias, dims_ops.bias
             zb = (bias.shape if bias_dim is None else bias.movedim(bias_dim, 0).shape[1:])[0]
         z = cfg.dims.batch_size
-        out = tuple(unfold_vmap(size, g, zb if i == 3 else z) for i, g in enumerate(grads[:4]))
-        out += (None,) * len(grads[4:])
+        unfolded = {f: unfold_vmap(size, d_ops[f], zb if f == "bias" else z) for f in DIFFERENTIABLE}
+        out = _GRADS.join(unfolded, rest=(None,) * len(d_captured))
         return out, tuple(None if g is None else 0 for g in out)
 
 

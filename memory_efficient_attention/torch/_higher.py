@@ -99,13 +99,13 @@ def attention_forward_differentiable(cfg: KernelConfig, mods: Mods, ops, seed: i
 
 def attention_jvp(cfg: KernelConfig, mods: Mods, ops, seed: int, out, row_max, row_sum, tangents):
     """Tangents ``(d_out, d_lse)`` of the outputs for input tangents ``tangents`` (an
-    ``Operands`` of tangents or None: q, k, v and bias are used)."""
+    ``Operands`` of tangents or None: its fields q, k, v and bias are used)."""
     dims = cfg.dims
     z, kh, g, d, e = dims.batch_size, dims.kv_heads, dims.groups, dims.qk_depth, dims.v_depth
     cdt = _torch_dtype(cfg.compute_dtype)
     q, k, v = (t.to(cdt) for t in (ops.q, ops.k, ops.v))
-    tq, tk, tv = (None if t is None else t.to(cdt) for t in tangents[:3])
-    tbias = tangents[3]
+    tq, tk, tv = (None if t is None else t.to(cdt) for t in (tangents.q, tangents.k, tangents.v))
+    tbias = tangents.bias
     unit = _unit(mods)
     inv_l = torch.where(row_sum > 0, row_sum.reciprocal(), torch.zeros((), dtype=cdt, device=q.device))
     out_c = out.to(cdt)
@@ -190,24 +190,26 @@ def _5d(x, cfg: KernelConfig, c):
 # ------------------------------------------------------------------------------------------------
 
 
-def fold_vmap(size: int, in_dims, cfg: KernelConfig, tensors, broadcast=(3, 4)):
-    """Kernel-layout tensors, each led by the batch ``Z`` (``Operands``, optionally after other
-    ``Z``-led tensors), with a vmapped dim (``in_dims``, None = not mapped) -> the same with that
-    dim merged into ``Z`` (now ``size * Z``), and the matching config. The tensors at the
-    positions ``broadcast`` (mask, bias) stay as they are when not mapped and broadcast over the
-    batch; everything else is expanded (a view where possible)."""
+def fold_vmap(size: int, in_dims, cfg: KernelConfig, tensors, broadcast=("bias", "mask")):
+    """Kernel-layout tensors by name (a dict: the ``Operands`` fields, optionally after other
+    ``Z``-led tensors), each led by the batch ``Z``, with a vmapped dim (``in_dims``, the same
+    names; None = not mapped) -> the matching config and the tensors (a dict) with that dim merged
+    into ``Z`` (now ``size * Z``). The tensors named in ``broadcast`` (mask, bias) stay as they
+    are when not mapped and broadcast over the batch; everything else is expanded (a view where
+    possible)."""
     z = cfg.dims.batch_size
-    folded = []
-    for index, (x, dim) in enumerate(zip(tensors, in_dims)):
+    folded = {}
+    for name, x in tensors.items():
+        dim = in_dims[name]
         if x is None:
-            folded.append(None)
+            folded[name] = None
             continue
-        if dim is None and index in broadcast and x.shape[0] == 1:
-            folded.append(x)
+        if dim is None and name in broadcast and x.shape[0] == 1:
+            folded[name] = x
             continue
         x = x.movedim(dim, 0) if dim is not None else x.unsqueeze(0)
         x = x.expand(size, z, *x.shape[2:])
-        folded.append(x.reshape(size * z, *x.shape[2:]))
+        folded[name] = x.reshape(size * z, *x.shape[2:])
     dims = dataclasses.replace(cfg.dims, batch=(size * z,))
     return dataclasses.replace(cfg, dims=dims), folded
 

@@ -17,7 +17,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .._spec import AttentionInputError, seed_dims
 from ..masks import alibi_score_mod, alibi_slopes
-from ._api import _attention
+from .kernel import attention as _attention
 
 __all__ = ["MultiheadAttention", "apply_rotary"]
 
