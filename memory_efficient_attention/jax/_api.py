@@ -287,7 +287,9 @@ def efficient_dot_product_attention(
         keeps where nonzero (Flax's rule); a float one must hold only 0 and 1: anything else (an
         additive 0 / -inf mask belongs in ``bias``) raises ``AttentionInputError``, where the
         values are concrete (a mask traced under ``jit`` cannot be checked). Dense masks cost
-        O(L*S) memory: prefer the structured arguments below.
+        O(L*S) memory: prefer the structured arguments below. Or a mask object of
+        ``memory_efficient_attention.masks`` (``Causal() & Window(128)``...): it stands for the
+        structured arguments (``to_kwargs``; one given explicitly with another value raises).
       bias: float, broadcastable to ``[B..., H, L, S]``, added to the scores; gets a gradient.
       precision: ``jax.lax.Precision`` of the matmuls (default HIGHEST).
       query_chunk_size, key_chunk_size: chunk sizes; None chooses them from the shapes and
@@ -341,9 +343,12 @@ def efficient_dot_product_attention(
     """
     kwargs = dict(locals())  # every argument (nothing else is defined yet)
     query, key, value = _check_qkv(query, key, value)
+    from ..masks import merge_mask_kwargs  # a mask object (masks.Causal, ...) -> the keywords
+
+    mask, kwargs = merge_mask_kwargs(mask, kwargs, query.shape, key.shape)
     kwargs.update(query=query, key=key, value=value, **_arrays(mask=mask, bias=bias,
-        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-        query_segment_ids=query_segment_ids, key_segment_ids=key_segment_ids))  # fmt: skip
+        **{n: kwargs[n] for n in ("query_seq_lengths", "key_value_seq_lengths", "query_segment_ids",
+        "key_segment_ids")}))  # fmt: skip
     _check_mask_values(kwargs["mask"])
     return _dispatch(_efficient_dot_product_attention, kwargs)
 

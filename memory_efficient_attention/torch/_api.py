@@ -201,7 +201,9 @@ def efficient_dot_product_attention(
       value: ``[B..., S, K, E]``.
       mask: bool, broadcastable to ``[B..., H, L, S]``; False masks a score to ``finfo.min`` (the
         seed's and Flax's rule: a row masked everywhere averages the values). Dense masks cost
-        O(L*S) memory: prefer the structured arguments below.
+        O(L*S) memory: prefer the structured arguments below. Or a mask object of
+        ``memory_efficient_attention.masks`` (``Causal() & Window(128)``...): it stands for the
+        structured arguments (``to_kwargs``; one given explicitly with another value raises).
       bias: float, broadcastable to ``[B..., H, L, S]``, added to the scores; gets a gradient.
       query_chunk_size, key_chunk_size: chunk sizes; None chooses them from the shapes and
         ``memory_budget`` (see the README). Any length works: the last chunk is shorter.
@@ -251,6 +253,13 @@ def efficient_dot_product_attention(
     """
     _check_qkv(query, key, value)
     dims = seed_dims(query.shape, key.shape, value.shape)
+    from ..masks import merge_mask_kwargs  # a mask object (masks.Causal, ...) -> the keywords
+
+    mask, structured = merge_mask_kwargs(mask, dict(
+        is_causal=is_causal, causal_alignment=causal_alignment, local_window_size=local_window_size,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        query_segment_ids=query_segment_ids, key_segment_ids=key_segment_ids, mask_mod=mask_mod,
+    ), query.shape, key.shape)  # fmt: skip
     z, kh, g = dims.batch_size, dims.kv_heads, dims.groups
     q5 = query.reshape(z, dims.q_len, kh, g, dims.qk_depth).permute(0, 2, 1, 3, 4)
     k4 = key.reshape(z, dims.kv_len, kh, dims.qk_depth).transpose(1, 2)
@@ -267,15 +276,8 @@ def efficient_dot_product_attention(
         key_chunk_size=key_chunk_size,
         memory_budget=memory_budget,
         scale=scale,
-        is_causal=is_causal,
-        causal_alignment=causal_alignment,
-        local_window_size=local_window_size,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        query_segment_ids=query_segment_ids,
-        key_segment_ids=key_segment_ids,
+        **structured,
         score_mod=score_mod,
-        mask_mod=mask_mod,
         logits_soft_cap=logits_soft_cap,
         dropout_rate=dropout_rate,
         generator=generator,
