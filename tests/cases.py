@@ -113,6 +113,13 @@ class Case:
     structured fields are the keyword arguments of the same names; ``q_lengths``/``kv_lengths``
     are ``"random"`` (one per batch element, some full, some short) or a tuple of values;
     ``segments`` is ``"sorted"`` (packed documents) or ``"random"``.
+
+    ``tags`` choose the subsets that tests and the grid use (see ``tagged``): ``"lse"`` tags every
+    dtype of the case for both backends, ``"lse@float32,bfloat16"`` only those dtypes,
+    ``"lse/torch"`` only the PyTorch backend (``"lse/torch@float16"`` both narrowed). In use:
+    ``also_float32``/``also_low_precision`` (the grid's extra dtypes), ``chunks`` (chunk-size
+    independence), ``extreme_chunks``, ``lse`` (``return_lse``), ``eager``/``eager_lse`` (JAX
+    without jit).
     """
 
     name: str
@@ -148,6 +155,15 @@ class Case:
     def with_(self, **changes) -> Case:
         return dataclasses.replace(self, **changes)
 
+    def tagged(self, tag: str, backend: str | None = None) -> bool:
+        """Whether ``tag`` applies to this case (its dtype) and ``backend``."""
+        for entry in self.tags:
+            entry, _, dtypes = entry.partition("@")
+            entry, _, only = entry.partition("/")
+            if entry == tag and only in ("", backend) and (not dtypes or self.dtype in dtypes.split(",")):
+                return True
+        return False
+
     @property
     def has_structure(self) -> bool:
         return bool(
@@ -166,15 +182,45 @@ def _dtyped(cases, dtypes):
 
 # Shapes, chunking, broadcasting of mask/bias, dense masks (seed semantics).
 _SHAPE_CASES = [
-    Case("basic"),
-    Case("no_batch", batch=(), L=19, S=19, H=3, K=3, D=4, E=4, q_chunk=8, k_chunk=8),
+    Case(
+        "basic",
+        tags=(
+            "also_float32",
+            "chunks/torch@float64",
+            "extreme_chunks@float64",
+            "lse@float32",
+            "lse/torch@float64",
+            "eager@float32",
+            "eager_lse@float32",
+        ),
+    ),
+    Case(
+        "no_batch",
+        batch=(),
+        L=19,
+        S=19,
+        H=3,
+        K=3,
+        D=4,
+        E=4,
+        q_chunk=8,
+        k_chunk=8,
+        tags=("also_float32", "lse@float32", "lse/torch@float64"),
+    ),
     Case("batch_2x3", batch=(2, 3), L=9, S=13, H=2, K=2, D=4, E=4, q_chunk=4, k_chunk=5),
     Case("cross_e_ne_d", batch=(1,), L=21, S=50, D=16, E=6, q_chunk=8, k_chunk=16),
-    Case("gqa", L=33, S=33, H=4, K=2, q_chunk=16, k_chunk=16),
-    Case("mqa", L=17, S=29, H=4, K=1, q_chunk=5, k_chunk=7),
-    Case("bias_head_row", bias_shape=(1, 2, 1, 53)),
+    Case("gqa", L=33, S=33, H=4, K=2, q_chunk=16, k_chunk=16, tags=("also_float32", "chunks/torch@float64")),
+    Case("mqa", L=17, S=29, H=4, K=1, q_chunk=5, k_chunk=7, tags=("also_float32",)),
+    Case("bias_head_row", bias_shape=(1, 2, 1, 53), tags=("also_float32",)),
     Case("mask_ls", mask_shape=(37, 53)),
-    Case("mask_bias_full", L=23, S=31, mask_shape=(2, 2, 23, 31), bias_shape=(2, 2, 23, 31)),
+    Case(
+        "mask_bias_full",
+        L=23,
+        S=31,
+        mask_shape=(2, 2, 23, 31),
+        bias_shape=(2, 2, 23, 31),
+        tags=("chunks@float64",),
+    ),
     Case(
         "batch_mixed",
         batch=(2, 3),
@@ -184,37 +230,50 @@ _SHAPE_CASES = [
         k_chunk=6,
         mask_shape=(2, 1, 1, 11, 14),
         bias_shape=(1, 3, 2, 1, 14),
+        tags=("also_float32", "chunks/torch@float64", "eager@float64"),
     ),
-    Case("masked_rows", L=21, S=26, mask_shape=(2, 1, 21, 26), bias_shape=(2, 2, 21, 26), masked_rows=True),
+    Case(
+        "masked_rows",
+        L=21,
+        S=26,
+        mask_shape=(2, 1, 21, 26),
+        bias_shape=(2, 2, 21, 26),
+        masked_rows=True,
+        tags=("also_float32", "lse@float64", "lse/torch@float32"),
+    ),
     Case("single", batch=(3,), L=1, S=1, H=1, K=1, D=4, E=5, q_chunk=1, k_chunk=1),
     Case("tiny_chunks", L=5, S=7, H=2, K=1, q_chunk=1, k_chunk=2),
-    Case("default_chunks", L=70, S=61, H=2, K=2, q_chunk=None, k_chunk=None),
+    Case("default_chunks", L=70, S=61, H=2, K=2, q_chunk=None, k_chunk=None, tags=("also_float32",)),
     Case("chunk_gt_len", L=9, S=11, q_chunk=128, k_chunk=64, bias_shape=(9, 11)),
     Case("scale", L=13, S=17, scale=0.7, bias_shape=(2, 1, 1, 17)),
 ]
 
 # The same structures in the low-precision dtypes (inputs rounded first).
 _LOW_PRECISION_CASES = [
-    Case("basic"),
+    Case("basic", tags=("lse@bfloat16", "lse/torch@float16")),
     Case("gqa", L=33, S=33, H=4, K=2, q_chunk=16, k_chunk=16),
     Case("mask_bias", L=21, S=26, mask_shape=(21, 26), bias_shape=(1, 2, 1, 26)),
-    Case("masked_rows", L=21, S=26, mask_shape=(2, 1, 21, 26), masked_rows=True),
+    Case(
+        "masked_rows",
+        L=21,
+        S=26,
+        mask_shape=(2, 1, 21, 26),
+        masked_rows=True,
+        tags=("lse@float16", "lse/torch@bfloat16", "eager@bfloat16"),
+    ),
 ]
 
-# every shape case in float64 (tight: catches algorithmic slips), the main ones in float32 too
-_FLOAT32_SHAPES = (
-    "basic",
-    "no_batch",
-    "gqa",
-    "mqa",
-    "batch_mixed",
-    "masked_rows",
-    "default_chunks",
-    "bias_head_row",
-)
+
+def tagged(cases, tag: str, backend: str | None = None) -> list[Case]:
+    """The cases (in order) that ``tag`` applies to, for ``backend`` (see ``Case.tags``)."""
+    return [c for c in cases if c.tagged(tag, backend)]
+
+
+# every shape case in float64 (tight: catches algorithmic slips), the main ones
+# ("also_float32") in float32 too
 GRID = (
     _dtyped(_SHAPE_CASES, ("float64",))
-    + _dtyped([c for c in _SHAPE_CASES if c.name in _FLOAT32_SHAPES], ("float32",))
+    + _dtyped(tagged(_SHAPE_CASES, "also_float32"), ("float32",))
     + _dtyped(_LOW_PRECISION_CASES, LOW_PRECISION)
 )
 
@@ -223,21 +282,44 @@ _S = dict(batch=(2,), L=29, S=37, H=4, K=2, D=8, E=8, q_chunk=8, k_chunk=16)
 _T = dict(batch=(1,), H=2, q_chunk=512, k_chunk=512)
 _STRUCTURED = [
     Case("causal_tl", **_S, is_causal=True),
-    Case("causal_br", **_S, is_causal=True, causal_alignment="bottom_right"),
-    Case("causal_br_l_gt_s", **{**_S, "L": 37, "S": 29}, is_causal=True, causal_alignment="bottom_right"),
+    Case(
+        "causal_br",
+        **_S,
+        is_causal=True,
+        causal_alignment="bottom_right",
+        tags=("also_float32", "chunks/torch@float64"),
+    ),
+    Case(
+        "causal_br_l_gt_s",
+        **{**_S, "L": 37, "S": 29},
+        is_causal=True,
+        causal_alignment="bottom_right",
+        tags=("chunks@float64", "lse"),
+    ),
     Case("causal_self", **{**_S, "L": 33, "S": 33}, is_causal=True),
     Case("window_int", **_S, local_window_size=5),
     Case("window_left", **_S, local_window_size=(7, 0)),
-    Case("window_br", **_S, local_window_size=(0, 3), causal_alignment="bottom_right"),
-    Case("window_causal", **_S, local_window_size=(4, 4), is_causal=True),
-    Case("q_lengths", **_S, q_lengths="random"),
-    Case("kv_lengths", **_S, kv_lengths=(0, 20)),
+    Case(
+        "window_br",
+        **_S,
+        local_window_size=(0, 3),
+        causal_alignment="bottom_right",
+        tags=("chunks/torch@float64",),
+    ),
+    Case("window_causal", **_S, local_window_size=(4, 4), is_causal=True, tags=("also_low_precision",)),
+    Case("q_lengths", **_S, q_lengths="random", tags=("also_float32",)),
+    Case("kv_lengths", **_S, kv_lengths=(0, 20), tags=("lse",)),
     Case("both_lengths", **_S, q_lengths=(29, 7), kv_lengths=(11, 37)),
-    Case("segments_sorted", **_S, segments="sorted"),
+    Case("segments_sorted", **_S, segments="sorted", tags=("chunks/torch@float64",)),
     Case("segments_random", **_S, segments="random"),
     Case("mask_mod_band", **_S, mask_mod="band"),
     Case("mask_mod_head_batch", **_S, mask_mod="head_batch"),
-    Case("mask_mod_empty_rows", **_S, mask_mod="empty_rows"),
+    Case(
+        "mask_mod_empty_rows",
+        **_S,
+        mask_mod="empty_rows",
+        tags=("also_float32", "chunks/torch@float64", "lse@float32", "lse/torch@float64"),
+    ),
     Case("score_mod_alibi", **_S, score_mod="alibi"),
     Case("soft_cap", **_S, logits_soft_cap=0.8),
     Case(
@@ -265,9 +347,19 @@ _STRUCTURED = [
         segments="sorted",
         is_causal=True,
         causal_alignment="bottom_right",
+        tags=("lse",),
     ),
     # Lengths past 512-chunks: partial pairs split into 256-tiles (``_chunks.tile_size``).
-    Case("tiles_causal_br", **_T, L=700, S=600, K=1, is_causal=True, causal_alignment="bottom_right"),
+    Case(
+        "tiles_causal_br",
+        **_T,
+        L=700,
+        S=600,
+        K=1,
+        is_causal=True,
+        causal_alignment="bottom_right",
+        tags=("also_float32",),
+    ),
     Case(
         "tiles_window_bias",
         **_T,
@@ -302,20 +394,22 @@ _STRUCTURED = [
         logits_soft_cap=2.0,
         bias_shape=(1, 4, 1, 37),
         mask_shape=(29, 37),
+        tags=(
+            "also_float32",
+            "also_low_precision",
+            "chunks@float64",
+            "extreme_chunks@float64",
+            "lse@float64,bfloat16",
+            "lse/torch@float32,float16",
+            "eager@float64",
+        ),
     ),
 ]
 
 STRUCTURED = (
     _dtyped(_STRUCTURED, ("float64",))
-    + _dtyped(
-        [
-            c
-            for c in _STRUCTURED
-            if c.name in ("causal_br", "everything", "q_lengths", "mask_mod_empty_rows", "tiles_causal_br")
-        ],
-        ("float32",),
-    )
-    + _dtyped([c for c in _STRUCTURED if c.name in ("everything", "window_causal")], LOW_PRECISION)
+    + _dtyped(tagged(_STRUCTURED, "also_float32"), ("float32",))
+    + _dtyped(tagged(_STRUCTURED, "also_low_precision"), LOW_PRECISION)
 )
 
 ALL_CASES = GRID + STRUCTURED

@@ -1,5 +1,6 @@
-"""JAX: the shared grid against the float64 reference, the drop-in for jax.nn.dot_product_attention
-against jax's own function, bad inputs, jit / vmap / grad, dropout and the log-sum-exp."""
+"""JAX: the backend of the shared tests (``BACKEND``, see test_backends.py) and what only JAX has:
+eager (un-jitted) runs, precision, jit / vmap / grad, the seed callbacks, the drop-in for
+jax.nn.dot_product_attention against jax's own function, bad inputs, dropout keys."""
 
 from __future__ import annotations
 
@@ -18,17 +19,17 @@ from memory_efficient_attention import AttentionInputError  # noqa: E402
 from memory_efficient_attention import efficient_dot_product_attention_jax as attention  # noqa: E402
 from memory_efficient_attention.jax import dot_product_attention as dpa  # noqa: E402
 
+from .backends import Backend  # noqa: E402
 from .cases import (  # noqa: E402
     ALL_CASES,
     Case,
     alibi_score,
     assert_close,
     chunk_kwargs,
-    empty_rows,
-    ids,
     make_inputs,
     reference_for,
     round_to,
+    tagged,
 )
 from .reference import reference_attention, reference_grads, structured_keep  # noqa: E402
 
@@ -101,102 +102,11 @@ def run_case(case: Case, x: dict, *, grads: bool = True, jit: bool = True, **ext
     return to64(out), result
 
 
-# ------------------------------------------------------------------------------------------
-# The grid
-# ------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("case", ALL_CASES, ids=ids(ALL_CASES))
-def test_output_and_grads_match_reference(case):
-    x, ref_out, _, ref_grads = reference_for(case)
-    out, grads = run_case(case, x)
-    assert_close(out, ref_out, case.dtype, "output")
-    for name, ref in ref_grads.items():
-        assert_close(grads[name], ref, case.dtype, f"d{name}")
-    empty = empty_rows(case, x)
-    if empty.any():  # rows with no key left: exactly 0, zero gradient, no NaN
-        assert np.all(out[empty] == 0)
-        assert np.all(grads["query"][empty] == 0)
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        c
-        for c in ALL_CASES
-        if c.id in ("basic-float32", "everything-float64", "masked_rows-bfloat16", "batch_mixed-float64")
-    ],
-    ids=lambda c: c.id,
-)
-def test_eager_output_and_grads_match_reference(case):
-    x, ref_out, _, ref_grads = reference_for(case)
-    out, grads = run_case(case, x, jit=False)
-    assert_close(out, ref_out, case.dtype, "output")
-    for name, ref in ref_grads.items():
-        assert_close(grads[name], ref, case.dtype, f"d{name}")
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        c
-        for c in ALL_CASES
-        if c.dtype == "float64" and c.name in ("mask_bias_full", "causal_br_l_gt_s", "everything")
-    ],
-    ids=lambda c: c.id,
-)
-def test_result_does_not_depend_on_chunk_sizes(case):
-    x, ref_out, _, ref_grads = reference_for(case)
-    settings = [(3, 7), (8, 16), (None, None)]
-    runs = [run_case(case.with_(q_chunk=qc, k_chunk=kc), x) for qc, kc in settings]
-    runs.append(run_case(case.with_(q_chunk=None, k_chunk=None), x, memory_budget="4KiB"))
-    for out, grads in runs:
-        assert_close(out, ref_out, "float64", "output")
-        for name in ref_grads:
-            assert_close(grads[name], ref_grads[name], "float64", f"d{name}")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "case", [c for c in ALL_CASES if c.id in ("basic-float64", "everything-float64")], ids=lambda c: c.id
-)
-def test_extreme_chunk_sizes(case):
-    x, ref_out, _, ref_grads = reference_for(case)
-    for qc, kc in [(1, 1), (1, 64), (64, 1)]:
-        out, grads = run_case(case.with_(q_chunk=qc, k_chunk=kc), x)
-        assert_close(out, ref_out, "float64", "output")
-        for name in ref_grads:
-            assert_close(grads[name], ref_grads[name], "float64", f"d{name}")
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        c
-        for c in ALL_CASES
-        if c.id
-        in (
-            "basic-bfloat16",
-            "basic-float32",
-            "masked_rows-float64",
-            "masked_rows-float16",
-            "causal_br_l_gt_s-float64",
-            "kv_lengths-float64",
-            "mask_mod_empty_rows-float32",
-            "everything-float64",
-            "everything-bfloat16",
-            "no_batch-float32",
-            "batch_2x3_all-float64",
-        )
-    ],
-    ids=lambda c: c.id,
-)
-def test_return_lse(case):
-    x, ref_out, ref_lse, _ = reference_for(case)
+def run_lse(case: Case, x: dict):
+    """``(attention(..., return_lse=True), attention(...))`` on the case's inputs, under one jit."""
     q, k, v = (arr(x[n], case.dtype) for n in ("query", "key", "value"))
     mask = None if x["mask"] is None else jnp.asarray(x["mask"])
     static, dynamic = _split_static({**chunk_kwargs(case), **jax_kwargs(x["kwargs"])})
-    kwargs = {**static, **dynamic}
 
     @jax.jit
     def both(q, k, v, mask, bias, dynamic):
@@ -205,27 +115,33 @@ def test_return_lse(case):
             attention(q, k, v, mask, bias, **static, **dynamic),
         )
 
-    result, plain = both(q, k, v, mask, arr(x["bias"], case.dtype), dynamic)
-    assert isinstance(result, tuple) and len(result) == 2
-    out, lse = result
-    assert lse.shape == (*case.batch, case.L, case.H)
-    assert lse.dtype == (jnp.float64 if case.dtype == "float64" else jnp.float32)
-    assert_close(to64(out), ref_out, case.dtype, "output")
+    return both(q, k, v, mask, arr(x["bias"], case.dtype), dynamic)
+
+
+# ------------------------------------------------------------------------------------------
+# Eager (un-jitted) runs and defaults
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", tagged(ALL_CASES, "eager", "jax"), ids=lambda c: c.id)
+def test_eager_output_and_grads_match_reference(case):
+    x, ref_out, _, ref_grads = reference_for(case)
+    out, grads = run_case(case, x, jit=False)
+    assert_close(out, ref_out, case.dtype, "output")
+    for name, ref in ref_grads.items():
+        assert_close(grads[name], ref, case.dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("case", tagged(ALL_CASES, "eager_lse", "jax"), ids=lambda c: c.id)
+def test_return_lse_eagerly(case):
+    x, ref_out, ref_lse, _ = reference_for(case)
+    q, k, v = (arr(x[n], case.dtype) for n in ("query", "key", "value"))
+    mask = None if x["mask"] is None else jnp.asarray(x["mask"])
+    kwargs = {**chunk_kwargs(case), **jax_kwargs(x["kwargs"])}
+    eager_out, eager_lse = attention(q, k, v, mask, arr(x["bias"], case.dtype), return_lse=True, **kwargs)
     lse_dtype = "float64" if case.dtype == "float64" else "float32"
-    factor = 1.0 if case.dtype in ("float32", "float64") else 50.0
-    assert_close(to64(lse), ref_lse, lse_dtype, "lse", factor=factor)
-    np.testing.assert_array_equal(to64(plain), to64(out))
-    if case.id == "basic-float32":  # eagerly too
-        eager_out, eager_lse = attention(q, k, v, mask, None, return_lse=True, **kwargs)
-        assert_close(to64(eager_lse), ref_lse, "float32", "eager lse")
-        assert_close(to64(eager_out), ref_out, "float32", "eager output")
-
-
-def test_module_aliases():
-    import memory_efficient_attention.jax as mj
-
-    assert mj.efficient_dot_product_attention is attention
-    assert memory_efficient_attention.efficient_dot_product_attention_jax is attention
+    assert_close(to64(eager_lse), ref_lse, lse_dtype, "eager lse")
+    assert_close(to64(eager_out), ref_out, case.dtype, "eager output")
 
 
 def test_numpy_inputs_and_default_chunks():
@@ -707,37 +623,11 @@ def test_bad_depth(fn):
 
 
 @pytest.mark.parametrize("fn", FNS)
-def test_bad_kv_lengths(fn):
-    _raises_before_compute(fn, *_qkv(v_shape=(2, 10, 2, 8)), words=["key", "value"])
-
-
-@pytest.mark.parametrize("fn", FNS)
-def test_bad_gqa_heads(fn):
-    _raises_before_compute(fn, *_qkv((2, 7, 3, 8), (2, 9, 2, 8), (2, 9, 2, 8)), words=["query", "heads"])
-
-
-@pytest.mark.parametrize("fn", FNS)
 @pytest.mark.parametrize("shape", [(1, 1, 7, 8), (1, 3, 7, 9), (3, 2, 7, 9)])
 def test_bad_mask_and_bias_shapes(fn, shape):
     q, k, v = _qkv()
     _raises_before_compute(fn, q, k, v, mask=jnp.ones(shape, dtype=bool), words=["mask"])
     _raises_before_compute(fn, q, k, v, bias=jnp.zeros(shape, dtype=jnp.float32), words=["bias"])
-
-
-@pytest.mark.parametrize("which", ["query_chunk_size", "key_chunk_size"])
-@pytest.mark.parametrize("value", [0, -4])
-def test_bad_chunk_sizes(which, value):
-    _raises_before_compute(attention, *_qkv(), words=[which], **{which: value})
-
-
-@pytest.mark.parametrize("fn", FNS)
-@pytest.mark.parametrize("dtype", [jnp.int32, jnp.int64, jnp.bool_])
-@pytest.mark.parametrize("position", [0, 1, 2])
-def test_non_float_inputs(fn, dtype, position):
-    name = ("query", "key", "value")[position]
-    args = list(_qkv())
-    args[position] = (args[position] > 0).astype(dtype)
-    _raises_before_compute(fn, *args, words=[name])
 
 
 @pytest.mark.parametrize("position", [0, 1, 2])
@@ -855,3 +745,22 @@ def test_dropout_gradients_use_the_forward_mask():
         numeric = float(jnp.sum((plus - minus) * d_out) / (2 * eps))
         analytic = float(jnp.sum(grad * direction))
         assert math.isclose(numeric, analytic, rel_tol=1e-5, abs_tol=1e-6), (i, numeric, analytic)
+
+
+BACKEND = Backend(
+    name="jax",
+    fn=attention,
+    module=memory_efficient_attention.jax,
+    alias="efficient_dot_product_attention_jax",
+    attention=run_case,
+    attention_lse=run_lse,
+    numpy=to64,
+    dtype=lambda a: str(a.dtype),
+    raises_before_compute=_raises_before_compute,
+    qkv=_qkv,
+    drop_in=dpa,
+    drop_in_qkv=_qkv,
+    drop_in_gqa={},
+    as_dtype=lambda a, name: a.astype(name),
+    chunk_sweep=((3, 7), (8, 16), (None, None)),
+)

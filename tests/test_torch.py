@@ -1,5 +1,6 @@
-"""PyTorch: the shared grid against the float64 reference, the SDPA drop-in against torch's own
-function, bad inputs, dropout and the log-sum-exp."""
+"""PyTorch: the backend of the shared tests (``BACKEND``, see test_backends.py) and what only
+PyTorch has: the SDPA drop-in against torch's own function, the seed callbacks, bad inputs (to
+both functions), the dropout generator."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from memory_efficient_attention import AttentionInputError  # noqa: E402
 from memory_efficient_attention import efficient_dot_product_attention_pt as attention  # noqa: E402
 from memory_efficient_attention.torch import scaled_dot_product_attention as sdpa  # noqa: E402
 
+from .backends import Backend  # noqa: E402
 from .cases import (  # noqa: E402
     ALL_CASES,
     GRID,
@@ -26,8 +28,6 @@ from .cases import (  # noqa: E402
     Case,
     assert_close,
     chunk_kwargs,
-    empty_rows,
-    ids,
     make_inputs,
     reference_for,
     round_to,
@@ -76,106 +76,18 @@ def run_case(case: Case, x: dict, *, grads: bool = True, **extra):
     return out.detach().double().numpy(), {n: g.double().numpy() for n, g in zip(leaves, got)}
 
 
-# ------------------------------------------------------------------------------------------
-# The grid
-# ------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("case", ALL_CASES, ids=ids(ALL_CASES))
-def test_output_and_grads_match_reference(case):
-    x, ref_out, _, ref_grads = reference_for(case)
-    out, grads = run_case(case, x)
-    assert_close(out, ref_out, case.dtype, "output")
-    for name, ref in ref_grads.items():
-        assert_close(grads[name], ref, case.dtype, f"d{name}")
-    empty = empty_rows(case, x)
-    if empty.any():  # rows with no key left: exactly 0, zero gradient, no NaN
-        assert np.all(out[empty] == 0)
-        assert np.all(grads["query"][empty] == 0)
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        c
-        for c in ALL_CASES
-        if c.dtype == "float64"
-        and c.name
-        in (
-            "basic",
-            "gqa",
-            "mask_bias_full",
-            "batch_mixed",
-            "causal_br",
-            "causal_br_l_gt_s",
-            "window_br",
-            "segments_sorted",
-            "everything",
-            "mask_mod_empty_rows",
-        )
-    ],
-    ids=lambda c: c.id,
-)
-def test_result_does_not_depend_on_chunk_sizes(case):
-    x, ref_out, _, ref_grads = reference_for(case)
-    results = []
-    for qc, kc in [(1, 1), (3, 7), (16, 8), (8, 16), (64, 64), (None, None)]:
-        out, grads = run_case(case.with_(q_chunk=qc, k_chunk=kc), x)
-        results.append((out, grads))
-    out, grads = run_case(case.with_(q_chunk=None, k_chunk=None), x, memory_budget="4KiB")
-    results.append((out, grads))
-    for out, grads in results:
-        assert_close(out, ref_out, "float64", "output")
-        for name in ref_grads:
-            assert_close(grads[name], ref_grads[name], "float64", f"d{name}")
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        c
-        for c in ALL_CASES
-        if c.name
-        in (
-            "basic",
-            "masked_rows",
-            "causal_br_l_gt_s",
-            "kv_lengths",
-            "mask_mod_empty_rows",
-            "everything",
-            "no_batch",
-            "batch_2x3_all",
-        )
-    ],
-    ids=lambda c: c.id,
-)
-def test_return_lse(case):
-    x, ref_out, ref_lse, _ = reference_for(case)
+def run_lse(case: Case, x: dict):
+    """``(attention(..., return_lse=True), attention(...))`` on the case's inputs."""
     q, k, v = (tensor(x[n], case.dtype) for n in ("query", "key", "value"))
     mask = None if x["mask"] is None else torch.as_tensor(x["mask"])
-    result = attention(
-        q,
-        k,
-        v,
-        mask,
-        tensor(x["bias"], case.dtype),
-        **chunk_kwargs(case),
-        **torch_kwargs(x["kwargs"]),
-        return_lse=True,
-    )
-    assert isinstance(result, tuple) and len(result) == 2
-    out, lse = result
-    assert lse.shape == (*case.batch, case.L, case.H)
-    assert lse.dtype == (torch.float64 if case.dtype == "float64" else torch.float32)
-    assert_close(out.double().numpy(), ref_out, case.dtype, "output")
-    # lse is kept in float32 at least: tighter than the output for low precision inputs
-    lse_dtype = "float64" if case.dtype == "float64" else "float32"
-    factor = 1.0 if case.dtype in ("float32", "float64") else 50.0
-    assert_close(lse.double().numpy(), ref_lse, lse_dtype, "lse", factor=factor)
-    plain = attention(
-        q, k, v, mask, tensor(x["bias"], case.dtype), **chunk_kwargs(case), **torch_kwargs(x["kwargs"])
-    )
-    assert torch.equal(plain, out)
+    args = (q, k, v, mask, tensor(x["bias"], case.dtype))
+    kwargs = {**chunk_kwargs(case), **torch_kwargs(x["kwargs"])}
+    return attention(*args, **kwargs, return_lse=True), attention(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------
+# Reference, layouts and defaults
+# ------------------------------------------------------------------------------------------
 
 
 def test_reference_numpy_and_torch_agree_on_every_case():
@@ -203,13 +115,6 @@ def test_non_contiguous_inputs():
     assert not q.is_contiguous()
     out = attention(q, k, v, query_chunk_size=16, key_chunk_size=8)
     assert_close(out.numpy(), reference_attention(x["query"], x["key"], x["value"]), "float64")
-
-
-def test_module_aliases():
-    import memory_efficient_attention.torch as mt
-
-    assert mt.efficient_dot_product_attention is attention
-    assert memory_efficient_attention.efficient_dot_product_attention_pt is attention
 
 
 def test_no_grad_inference_and_default_chunks():
@@ -482,23 +387,13 @@ def _hf(*shapes):  # heads-first shapes for the SDPA drop-in
     return _qkv(*shapes)
 
 
+def _hf_from_seed(*shapes):  # the seed layout's [B..., L, H, D] shapes, heads first
+    return _hf(*((*s[:-3], s[-2], s[-3], s[-1]) for s in shapes))
+
+
 def test_bad_depth():
     _raises_before_compute(attention, *_qkv(k_shape=(2, 9, 2, 6)), words=["query", "key"])
     _raises_before_compute(sdpa, *_hf((2, 2, 7, 8), (2, 2, 9, 6), (2, 2, 9, 8)), words=["query", "key"])
-
-
-def test_bad_kv_lengths():
-    _raises_before_compute(attention, *_qkv(v_shape=(2, 10, 2, 8)), words=["key", "value"])
-    _raises_before_compute(sdpa, *_hf((2, 2, 7, 8), (2, 2, 9, 8), (2, 2, 10, 8)), words=["key", "value"])
-
-
-def test_bad_gqa_heads():
-    _raises_before_compute(
-        attention, *_qkv((2, 7, 3, 8), (2, 9, 2, 8), (2, 9, 2, 8)), words=["query", "heads"]
-    )
-    _raises_before_compute(
-        sdpa, *_hf((2, 3, 7, 8), (2, 2, 9, 8), (2, 2, 9, 8)), enable_gqa=True, words=["query", "heads"]
-    )
 
 
 def test_sdpa_heads_differ_without_enable_gqa():
@@ -514,23 +409,6 @@ def test_bad_mask_and_bias_shapes(shape):
     _raises_before_compute(attention, q, k, v, bias=torch.zeros(shape), words=["bias"])
     hq, hk, hv = _hf((2, 2, 7, 8), (2, 2, 9, 8), (2, 2, 9, 8))
     _raises_before_compute(sdpa, hq, hk, hv, attn_mask=torch.zeros(shape), words=["attn_mask"])
-
-
-@pytest.mark.parametrize("which", ["query_chunk_size", "key_chunk_size"])
-@pytest.mark.parametrize("value", [0, -4])
-def test_bad_chunk_sizes(which, value):
-    _raises_before_compute(attention, *_qkv(), words=[which], **{which: value})
-
-
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
-@pytest.mark.parametrize("position", [0, 1, 2])
-def test_non_float_inputs(dtype, position):
-    name = ("query", "key", "value")[position]
-    seed_args = list(_qkv())
-    hf_args = list(_hf((2, 2, 7, 8), (2, 2, 9, 8), (2, 2, 9, 8)))
-    for fn, args in ((attention, seed_args), (sdpa, hf_args)):
-        args[position] = (args[position] > 0).to(dtype)
-        _raises_before_compute(fn, *args, words=[name])
 
 
 @pytest.mark.parametrize("position", [0, 1, 2])
@@ -659,3 +537,22 @@ def test_dropout_gradients_use_the_forward_mask():
 def test_tolerance_table_covers_dtypes():
     assert set(TOLERANCES) == set(TORCH_DTYPES)
     assert len({c.id for c in GRID + STRUCTURED}) == len(GRID + STRUCTURED)
+
+
+BACKEND = Backend(
+    name="torch",
+    fn=attention,
+    module=memory_efficient_attention.torch,
+    alias="efficient_dot_product_attention_pt",
+    attention=run_case,
+    attention_lse=run_lse,
+    numpy=lambda t: t.detach().double().numpy(),
+    dtype=lambda t: str(t.dtype).removeprefix("torch."),
+    raises_before_compute=_raises_before_compute,
+    qkv=_qkv,
+    drop_in=sdpa,
+    drop_in_qkv=_hf_from_seed,
+    drop_in_gqa={"enable_gqa": True},
+    as_dtype=lambda t, name: t.to(getattr(torch, name)),
+    chunk_sweep=((1, 1), (3, 7), (16, 8), (8, 16), (64, 64), (None, None)),
+)
