@@ -129,14 +129,9 @@ def block_config(dims, dtype: str, blk: Block, *, scale, query_chunk_size, key_c
     for a diagonal block, a top-left causal mask."""
     import dataclasses
 
-    from .._config import make_config
+    from .._config import CallOptions, make_config
 
-    return make_config(
-        dataclasses.replace(dims, q_len=blk.q_len, kv_len=blk.kv_len),
-        dtype,
-        scale=scale,
-        query_chunk_size=query_chunk_size,
-        key_chunk_size=key_chunk_size,
-        is_causal=blk.causal,
-        device=device,
+    options = CallOptions(
+        scale=scale, query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, is_causal=blk.causal
     )
+    return make_config(dataclasses.replace(dims, q_len=blk.q_len, kv_len=blk.kv_len), dtype, options, device)

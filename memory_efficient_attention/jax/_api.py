@@ -17,7 +17,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from .._config import make_config
+from .._config import CallArrays, CallOptions, make_config
 from .._spec import (
     AttentionInputError,
     Dims,
@@ -179,53 +179,38 @@ def _dispatch(impl, kwargs: dict):
     return _compiled(impl, treedef, key, tuple(dynamic))
 
 
-def _attention(q5, k4, v4, dims: Dims, *, mask=None, bias=None, mask_fill="min", precision=None,
-               query_chunk_size=None, key_chunk_size=None, memory_budget=None, scale=None,
-               is_causal=False, causal_alignment="top_left", local_window_size=None,
-               query_seq_lengths=None, key_value_seq_lengths=None, query_segment_ids=None,
-               key_segment_ids=None, score_mod=None, mask_mod=None, logits_soft_cap=None,
-               dropout_rate=0.0, dropout_rng=None, calc_fns=(None, None, None), calc_fn_data=None,
-               autodiff="vjp"):  # fmt: skip
+def _attention(q5, k4, v4, dims: Dims, options: CallOptions, arrays: CallArrays | None = None,
+               mods: Mods | None = None, *, dropout_rng=None, calc_fn_data=None, autodiff="vjp"):  # fmt: skip
     """Validate the rest, build the config and run the kernel on q/k/v in its layout ([Z, L, H, ...]).
+
+    ``options``: the call's validated static options (a JAX-array scale already folded into
+    ``q5``, see ``_fold_array_scale``); ``arrays``: its optional arrays; ``mods``: its callables
+    and matmul precision.
 
     Returns ``(out, lse)``; ``lse`` is finite, ``finfo.min`` for a row with no key left
     (``_kernel.no_key``), so no inf arises unless a caller makes one (``jax.debug_infs``)."""
-    q5, scale = _fold_array_scale(q5, scale)
-    qlen = _int_array("query_seq_lengths", query_seq_lengths)
-    kvlen = _int_array("key_value_seq_lengths", key_value_seq_lengths)
-    qseg = _int_array("query_segment_ids", query_segment_ids)
-    kvseg = _int_array("key_segment_ids", key_segment_ids)
-    cfg = make_config(
-        dims,
-        _dtype_name(q5),
-        scale=scale,
-        query_chunk_size=query_chunk_size,
-        key_chunk_size=key_chunk_size,
-        memory_budget=memory_budget,
-        is_causal=is_causal,
-        causal_alignment=causal_alignment,
-        local_window_size=local_window_size,
-        q_lengths_shape=None if qlen is None else qlen.shape,
-        kv_lengths_shape=None if kvlen is None else kvlen.shape,
-        q_segments_shape=None if qseg is None else qseg.shape,
-        kv_segments_shape=None if kvseg is None else kvseg.shape,
-        mask_mod=mask_mod,
-        mask_fill=mask_fill,
-        logits_soft_cap=logits_soft_cap,
-        dropout_rate=dropout_rate,
-        device=jax.default_backend(),
+    arrays = arrays or CallArrays()
+    mods = Mods(precision=None) if mods is None else mods  # (the default precision of this layer)
+    ints = CallArrays(
+        query_seq_lengths=_int_array("query_seq_lengths", arrays.query_seq_lengths),
+        key_value_seq_lengths=_int_array("key_value_seq_lengths", arrays.key_value_seq_lengths),
+        query_segment_ids=_int_array("query_segment_ids", arrays.query_segment_ids),
+        key_segment_ids=_int_array("key_segment_ids", arrays.key_segment_ids),
     )
-    if score_mod is not None and not callable(score_mod):
+    qlen, kvlen = ints.query_seq_lengths, ints.key_value_seq_lengths
+    qseg, kvseg = ints.query_segment_ids, ints.key_segment_ids
+    cfg = make_config(dims, _dtype_name(q5), options, jax.default_backend(), ints.shapes(), mods.mask_mod)
+    if mods.score_mod is not None and not callable(mods.score_mod):
         raise AttentionInputError(
-            f"score_mod must be callable(score, b, h, q_idx, kv_idx), got {score_mod!r}"
+            f"score_mod must be callable(score, b, h, q_idx, kv_idx), got {mods.score_mod!r}"
         )
     z = dims.batch_size
     ops = Operands(
         q5,
         k4,
         v4,
-        _operand("bias", bias, dims, boolean=False),
-        _operand("mask", mask, dims, boolean=True),
+        _operand("bias", arrays.bias, dims, boolean=False),
+        _operand("mask", arrays.mask, dims, boolean=True),
         None if qlen is None else qlen.reshape(z),
         None if kvlen is None else kvlen.reshape(z),
         None if qseg is None else qseg.reshape(z, dims.q_len),
@@ -234,7 +219,7 @@ def _attention(q5, k4, v4, dims: Dims, *, mask=None, bias=None, mask_fill="min",
         _dropout_key(dropout_rng) if cfg.dropout else None,
     )
     # score_mod/mask_mod closure-converted: traced values they close over become operands
-    mods, consts = close_mods(cfg, Mods(score_mod, mask_mod, *calc_fns, precision))
+    mods, consts = close_mods(cfg, mods)
     ops = ops._replace(consts=consts)
     if autodiff not in AUTODIFF:
         raise AttentionInputError(f"autodiff must be one of {AUTODIFF}, got {autodiff!r}")
@@ -367,16 +352,21 @@ def _efficient_dot_product_attention(
     q4 = query.reshape(z, dims.q_len, dims.q_heads, dims.qk_depth)
     k4 = key.reshape(z, dims.kv_len, kh, dims.qk_depth)
     v4 = value.reshape(z, dims.kv_len, kh, dims.v_depth)
+    q4, scale = _fold_array_scale(q4, scale)
+    options = CallOptions(
+        scale=scale, query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size,
+        memory_budget=memory_budget, is_causal=is_causal, causal_alignment=causal_alignment,
+        local_window_size=local_window_size, mask_fill="min", logits_soft_cap=logits_soft_cap,
+        dropout_rate=dropout_rate,
+    )  # fmt: skip
+    arrays = CallArrays(
+        mask=mask, bias=bias, query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths, query_segment_ids=query_segment_ids,
+        key_segment_ids=key_segment_ids,
+    )  # fmt: skip
+    mods = Mods(score_mod, mask_mod, bias_calc_fn, mask_calc_fn, weights_calc_fn, precision)
     out, lse = _attention(
-        q4, k4, v4, dims, mask=mask, bias=bias, mask_fill="min", precision=precision,
-        query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size,
-        memory_budget=memory_budget, scale=scale, is_causal=is_causal,
-        causal_alignment=causal_alignment, local_window_size=local_window_size,
-        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-        query_segment_ids=query_segment_ids, key_segment_ids=key_segment_ids,
-        score_mod=score_mod, mask_mod=mask_mod, logits_soft_cap=logits_soft_cap,
-        dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-        calc_fns=(bias_calc_fn, mask_calc_fn, weights_calc_fn), calc_fn_data=calc_fn_data,
+        q4, k4, v4, dims, options, arrays, mods, dropout_rng=dropout_rng, calc_fn_data=calc_fn_data,
         autodiff=autodiff,
     )  # fmt: skip
     out = out.reshape(*dims.batch, dims.q_len, dims.q_heads, dims.v_depth)
@@ -502,11 +492,14 @@ def _dot_product_attention(
     dims = seed_dims(query.shape, key.shape, value.shape)
     z, g = dims.batch_size, dims.groups
     q4, k4, v4 = query, key, value
-    out, lse = _attention(
-        q4, k4, v4, dims, mask=mask, bias=bias, mask_fill="exclude", scale=scale,
-        is_causal=is_causal, local_window_size=local_window_size,
-        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-    )  # fmt: skip
+    q4, scale = _fold_array_scale(q4, scale)
+    options = CallOptions(
+        scale=scale, is_causal=is_causal, local_window_size=local_window_size, mask_fill="exclude"
+    )
+    arrays = CallArrays(
+        mask=mask, bias=bias, query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths
+    )
+    out, lse = _attention(q4, k4, v4, dims, options, arrays, Mods(precision=None))
     # jax's rule for rows with no key left: every logit is the same finite number, so the row
     # averages all values (and its lse is that number + log S).
     # With S = 0 there is nothing to average: jax gives zeros (and lse -inf), as the kernel does.

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .._config import make_config
+from .._config import CallArrays, CallOptions, make_config
 from .._spec import (
     AttentionInputError,
     Dims,
@@ -88,69 +88,45 @@ def _attention(
     k4: torch.Tensor,
     v4: torch.Tensor,
     dims: Dims,
-    *,
-    mask=None,
-    bias=None,
-    mask_fill: str = "min",
-    query_chunk_size=None,
-    key_chunk_size=None,
-    memory_budget=None,
-    scale=None,
-    is_causal=False,
-    causal_alignment="top_left",
-    local_window_size=None,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    query_segment_ids=None,
-    key_segment_ids=None,
-    score_mod=None,
-    mask_mod=None,
-    logits_soft_cap=None,
-    dropout_rate=0.0,
-    generator=None,
+    options: CallOptions,
+    arrays: CallArrays | None = None,
     mods: Mods | None = None,
+    *,
+    generator=None,
     operand_names: tuple[str, str] = ("mask", "bias"),
 ):
-    """Validate the rest, build the config and run the kernel on kernel-layout q/k/v."""
+    """Validate the rest, build the config and run the kernel on kernel-layout q/k/v.
+
+    ``options``: the call's validated static options; ``arrays``: its optional arrays; ``mods``:
+    its callables (``score_mod``, ``mask_mod``, the seed's callbacks)."""
+    arrays = arrays or CallArrays()
+    mods = mods or Mods()
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    qlen = _int_array("query_seq_lengths", query_seq_lengths, q5)
-    kvlen = _int_array("key_value_seq_lengths", key_value_seq_lengths, q5)
-    qseg = _int_array("query_segment_ids", query_segment_ids, q5)
-    kvseg = _int_array("key_segment_ids", key_segment_ids, q5)
-    cfg = make_config(
-        dims,
-        _dtype_name(q5),
-        scale=scale,
-        query_chunk_size=query_chunk_size,
-        key_chunk_size=key_chunk_size,
-        memory_budget=memory_budget,
-        is_causal=is_causal,
-        causal_alignment=causal_alignment,
-        local_window_size=local_window_size,
-        q_lengths_shape=None if qlen is None else tuple(qlen.shape),
-        kv_lengths_shape=None if kvlen is None else tuple(kvlen.shape),
-        q_segments_shape=None if qseg is None else tuple(qseg.shape),
-        kv_segments_shape=None if kvseg is None else tuple(kvseg.shape),
-        mask_mod=mask_mod,
-        mask_fill=mask_fill,
-        logits_soft_cap=logits_soft_cap,
-        dropout_rate=dropout_rate,
-        device=q5.device.type,
+    ints = CallArrays(
+        query_seq_lengths=_int_array("query_seq_lengths", arrays.query_seq_lengths, q5),
+        key_value_seq_lengths=_int_array("key_value_seq_lengths", arrays.key_value_seq_lengths, q5),
+        query_segment_ids=_int_array("query_segment_ids", arrays.query_segment_ids, q5),
+        key_segment_ids=_int_array("key_segment_ids", arrays.key_segment_ids, q5),
     )
-    if score_mod is not None and not callable(score_mod):
+    qlen, kvlen, qseg, kvseg = (
+        ints.query_seq_lengths,
+        ints.key_value_seq_lengths,
+        ints.query_segment_ids,
+        ints.key_segment_ids,
+    )
+    cfg = make_config(dims, _dtype_name(q5), options, q5.device.type, ints.shapes(), mods.mask_mod)
+    if mods.score_mod is not None and not callable(mods.score_mod):
         raise AttentionInputError(
-            f"score_mod must be callable(score, b, h, q_idx, kv_idx), got {score_mod!r}"
+            f"score_mod must be callable(score, b, h, q_idx, kv_idx), got {mods.score_mod!r}"
         )
-    mods = mods or Mods()
-    mods.score_mod, mods.mask_mod = score_mod, mask_mod
     z = dims.batch_size
     ops = Operands(
         q5,
         k4,
         v4,
-        _operand(operand_names[1], bias, dims, q5, boolean=False),
-        _operand(operand_names[0], mask, dims, q5, boolean=True),
+        _operand(operand_names[1], arrays.bias, dims, q5, boolean=False),
+        _operand(operand_names[0], arrays.mask, dims, q5, boolean=True),
         None if qlen is None else qlen.reshape(z),
         None if kvlen is None else kvlen.reshape(z),
         None if qseg is None else qseg.reshape(z, dims.q_len),
@@ -260,6 +236,18 @@ def efficient_dot_product_attention(
         query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
         query_segment_ids=query_segment_ids, key_segment_ids=key_segment_ids, mask_mod=mask_mod,
     ), query.shape, key.shape)  # fmt: skip
+    options = CallOptions(
+        scale=scale, query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size,
+        memory_budget=memory_budget, is_causal=structured["is_causal"],
+        causal_alignment=structured["causal_alignment"],
+        local_window_size=structured["local_window_size"], mask_fill="min",
+        logits_soft_cap=logits_soft_cap, dropout_rate=dropout_rate,
+    )  # fmt: skip
+    arrays = CallArrays(
+        mask=mask, bias=bias, query_seq_lengths=structured["query_seq_lengths"],
+        key_value_seq_lengths=structured["key_value_seq_lengths"],
+        query_segment_ids=structured["query_segment_ids"], key_segment_ids=structured["key_segment_ids"],
+    )  # fmt: skip
     z, kh, g = dims.batch_size, dims.kv_heads, dims.groups
     q5 = query.reshape(z, dims.q_len, kh, g, dims.qk_depth).permute(0, 2, 1, 3, 4)
     k4 = key.reshape(z, dims.kv_len, kh, dims.qk_depth).transpose(1, 2)
@@ -269,24 +257,17 @@ def efficient_dot_product_attention(
         k4,
         v4,
         dims,
-        mask=mask,
-        bias=bias,
-        mask_fill="min",
-        query_chunk_size=query_chunk_size,
-        key_chunk_size=key_chunk_size,
-        memory_budget=memory_budget,
-        scale=scale,
-        **structured,
-        score_mod=score_mod,
-        logits_soft_cap=logits_soft_cap,
-        dropout_rate=dropout_rate,
-        generator=generator,
-        mods=Mods(
+        options,
+        arrays,
+        Mods(
+            score_mod=score_mod,
+            mask_mod=structured["mask_mod"],
             bias_calc_fn=bias_calc_fn,
             mask_calc_fn=mask_calc_fn,
             weights_calc_fn=weights_calc_fn,
             calc_fn_data=calc_fn_data,
         ),
+        generator=generator,
     )
     out = out.permute(0, 2, 1, 3, 4).reshape(*dims.batch, dims.q_len, dims.q_heads, dims.v_depth)
     if not return_lse:
@@ -503,10 +484,12 @@ def scaled_dot_product_attention(
     q5 = query.reshape(z, kh, g, dims.q_len, dims.qk_depth).transpose(2, 3)
     k4 = key.reshape(z, kh, dims.kv_len, dims.qk_depth)
     v4 = value.reshape(z, kh, dims.kv_len, dims.v_depth)
-    out, _ = _attention(
-        q5, k4, v4, dims, mask=mask, bias=bias, mask_fill="exclude", scale=scale,
-        is_causal=is_causal, causal_alignment=causal_alignment, dropout_rate=dropout_p,
-        operand_names=("attn_mask", "attn_mask"),
+    options = CallOptions(
+        scale=scale, is_causal=is_causal, causal_alignment=causal_alignment, mask_fill="exclude",
+        dropout_rate=dropout_p,
     )  # fmt: skip
+    out, _ = _attention(
+        q5, k4, v4, dims, options, CallArrays(mask=mask, bias=bias), operand_names=("attn_mask", "attn_mask")
+    )
     out = out.transpose(2, 3).reshape(*dims.batch, dims.q_heads, dims.q_len, dims.v_depth)
     return out if out_lead is None else out.reshape(*out_lead, dims.q_len, dims.v_depth)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .._config import KernelConfig
+from .._config import KernelConfig, split_arguments
 from .._spec import Dims
 from ._api import _attention, _check_qkv
 from ._function import Operands
@@ -54,8 +54,11 @@ def attention(
     the sequence lengths and segment ids, ``score_mod``, ``mask_mod``, ``logits_soft_cap``,
     ``dropout_rate``, ``generator``, ``query_chunk_size``, ``key_chunk_size``,
     ``memory_budget``), and ``operand_names`` (the names of ``(mask, bias)`` in error messages).
+    They become the call's ``CallOptions``, ``CallArrays`` and ``Mods`` (``_config.split_arguments``).
     """
-    return _attention(q5, k4, v4, dims, mask_fill=mask_fill, **options)
+    options, arrays, rest = split_arguments({"mask_fill": mask_fill, **options})
+    mods = Mods(score_mod=rest.pop("score_mod", None), mask_mod=rest.pop("mask_mod", None))
+    return _attention(q5, k4, v4, dims, options, arrays, mods, **rest)
 
 
 def forward_block(cfg: KernelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
