@@ -269,23 +269,30 @@ def _scores(cfg: KernelConfig, mods: Mods, ops: Operands, c: _Chunk, qi, kj, bia
     return _score_pipeline(cfg, mods, ops, c, s, bias_s, data)
 
 
-def _shifted(s, m):
-    """``s - m`` for scores ``s`` and a max ``m`` (broadcast), with the value ``min(s, m) - m``:
-    never above 0, so ``exp`` never overflows. Both parts matter at extreme scores (~1e9 in
-    float32): XLA fuses a product ending the scores (a depth-1 matmul becomes a multiply) into the
-    subtraction as one FMA, which sees the unrounded product, up to half an ulp (hundreds) above
-    the max taken from the rounded one; ``min`` rounds it first. The backward's recomputed scores
-    may also differ from the forward's by a rounding (another summation order).
+def _shifted(s, m, *, round_scores: bool = False, clamp: bool = True):
+    """``s - m`` for scores ``s`` and a max ``m`` (broadcast), never above 0, so ``exp`` never
+    overflows; its derivative is that of ``s - m`` (``m`` is a ``stop_gradient``-ed max) in every
+    order, and an excluded key (``s = -inf``) stays ``-inf`` (no NaN).
 
-    The derivative is that of ``s - m`` (``m`` is a ``stop_gradient``-ed max) in every order:
-    where ``s >= m`` the value 0 is written ``t - stop_gradient(t)`` (``min`` would halve the
-    derivative at the tie), elsewhere ``min`` picks ``s``; a ``custom_jvp`` would be simpler, but
-    JAX mis-differentiates one inside ``lax.scan`` under forward-over-reverse (``hessian``). No
-    NaN for excluded keys (``s = -inf``: the second branch, ``-inf``)."""
+    Two roundings matter at extreme finite scores (~1e9 in float32, where an ulp is hundreds):
+    the backward's recomputed scores may exceed the forward's max by a rounding (another
+    summation order): the value is clamped at 0 (``x - stop_gradient(max(x, 0))``, two fused
+    elementwise ops; ``min(x, 0)`` would halve the derivative at the tie ``x = 0``); the plain
+    forward, whose max is taken over these very scores, needs no clamp (``clamp=False``). And with
+    depth 1 (``round_scores``) XLA turns the matmul into a multiply and fuses it into the
+    subtraction as one FMA, which sees the unrounded product, up to half an ulp below or above
+    the max taken from the rounded one: ``min(s, m)`` rounds it first, so the row's max key
+    gets exactly ``exp(0)``. That form costs more elementwise work (measured: the forward at
+    n = 4096 ran 2.0x SDPA's time instead of 1.3x beside torch), so only depth 1 pays for it; a
+    real matmul rounds its output. (A ``custom_jvp`` would be simpler, but JAX mis-differentiates
+    one inside ``lax.scan`` under forward-over-reverse, ``hessian``.)"""
     m = lax.stop_gradient(m)
-    top = s >= m
-    s_top = jnp.where(top, s, m)
-    return jnp.where(top, s_top - lax.stop_gradient(s_top), jnp.minimum(s, m) - m)
+    if round_scores:
+        top = s >= m
+        s_top = jnp.where(top, s, m)
+        return jnp.where(top, s_top - lax.stop_gradient(s_top), jnp.minimum(s, m) - m)
+    x = s - m
+    return x - lax.stop_gradient(jnp.maximum(x, 0)) if clamp else x
 
 
 def _plain_scores(cfg: KernelConfig, mods: Mods, ops: Operands, c: _Chunk) -> bool:
@@ -481,7 +488,10 @@ def attention_forward(cfg: KernelConfig, mods: Mods, ops: Operands):
             # finfo.min: an excluded key (-inf) then gets exp(-inf - m) = 0 with no -inf - -inf,
             # and no loop carry holds an inf (jax.debug_infs).
             m_new = lax.stop_gradient(jnp.maximum(m, s.max(axis=-1)))
-            p = jnp.exp(_shifted(s, m_new[..., None]))
+            # The max is over these very scores: no clamp on the plain path (a pipeline that
+            # XLA fuses into the subtraction could still round above it).
+            depth1, plain = cfg.dims.qk_depth == 1, _plain_scores(cfg, mods, ops, c)
+            p = jnp.exp(_shifted(s, m_new[..., None], round_scores=depth1, clamp=not plain))
             alpha = jnp.exp(m - m_new)
             l = alpha * l + p.sum(axis=-1)
             if cfg.dropout:
@@ -570,7 +580,7 @@ def attention_backward(cfg: KernelConfig, mods: Mods, ops: Operands, out, row_ma
                     return _score_pipeline(cfg, mods, o, c, s, bias_s, data, keys_first=True)
 
                 s, pipeline_vjp = jax.vjp(pipeline, s, bias_s, data_f)
-            p = jnp.exp(_shifted(s, _rows(row_max, c)[:, :, None]))
+            p = jnp.exp(_shifted(s, _rows(row_max, c)[:, :, None], round_scores=cfg.dims.qk_depth == 1))
             pd = p
             if cfg.dropout:
                 drop = _dropout_scale(p.shape[:2] + p.shape[3:] + p.shape[2:3], cfg, ops.dropout_key, c, cdt)
