@@ -21,6 +21,7 @@ from ._spec import (
     check_chunk_size,
     check_dropout,
     check_softcap,
+    compute_dtype_name,
     describe,
     resolve_scale,
 )
@@ -148,7 +149,7 @@ class KernelConfig:
 
     @property
     def compute_dtype(self) -> str:
-        return "float64" if self.dtype == "float64" else "float32"
+        return compute_dtype_name(self.dtype)
 
 
 def chunk_keep(

@@ -67,6 +67,31 @@ def compute_dtype_name(dtype_name: str) -> str:
     return "float64" if dtype_name == "float64" else "float32"
 
 
+def lse_merge_weights(xp, lse_a, lse_b):
+    """How two partial softmax results over disjoint keys merge: ``(w_a, w_b, lse)`` with
+    ``out = w_a[..., None] * out_a + w_b[..., None] * out_b`` and ``lse`` the merged log-sum-exp.
+
+    ``xp`` is the array namespace (``torch``, ``jax.numpy`` or ``numpy``: only ``maximum``,
+    ``where``, ``exp`` and ``log`` are used). Natural-log lse; a row empty on both sides stays
+    ``(0, -inf)``: the shifts by 0 avoid ``-inf - -inf``. Used by ring attention in both
+    frameworks::
+
+        >>> import numpy as np
+        >>> a, b = np.array([0.0, -np.inf]), np.array([np.log(3), -np.inf])
+        >>> with np.errstate(divide="ignore"):  # log(0) for the empty row
+        ...     w_a, w_b, lse = lse_merge_weights(np, a, b)
+        >>> np.round(w_a, 12).tolist(), np.round(w_b, 12).tolist(), bool(np.isclose(lse[0], np.log(4)))
+        ([0.25, 0.0], [0.75, 0.0], True)
+        >>> float(lse[1])
+        -inf
+    """
+    m = xp.maximum(lse_a, lse_b)
+    m = xp.where(m == -math.inf, 0.0, m)
+    lse = m + xp.log(xp.exp(lse_a - m) + xp.exp(lse_b - m))
+    safe = xp.where(lse == -math.inf, 0.0, lse)
+    return xp.exp(lse_a - safe), xp.exp(lse_b - safe), lse
+
+
 def describe(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
 

@@ -30,7 +30,14 @@ from jax import lax  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from .._config import KernelConfig  # noqa: E402
-from .._spec import AttentionInputError, Dims, check_float_dtypes, seed_dims  # noqa: E402
+from .._spec import (  # noqa: E402
+    AttentionInputError,
+    Dims,
+    check_float_dtypes,
+    compute_dtype_name,
+    lse_merge_weights,
+    seed_dims,
+)
 from ..jax.kernel import backward_block, forward_block, varying_like  # noqa: E402
 from ._plan import Block, block_config, check_layout, relations, step_block, zigzag_permutation  # noqa: E402
 
@@ -146,16 +153,12 @@ def _block_backward(ring: _Ring, relation: str, q, k, v, out, lse, d_out):
 def _merge(out, lse, out_b, lse_b):
     """Merge two partial softmax results through their log-sum-exp; rows empty in both stay
     ``(0, -inf)`` (the shift by 0 avoids ``-inf - -inf``)."""
-    m = jnp.maximum(lse, lse_b)
-    m_safe = jnp.where(m == _NEG_INF, 0.0, m)
-    new = m_safe + jnp.log(jnp.exp(lse - m_safe) + jnp.exp(lse_b - m_safe))
-    new_safe = jnp.where(new == _NEG_INF, 0.0, new)
-    w, w_b = jnp.exp(lse - new_safe), jnp.exp(lse_b - new_safe)
+    w, w_b, new = lse_merge_weights(jnp, lse, lse_b)
     return w[..., None] * out + w_b[..., None] * out_b, new
 
 
 def _compute_dtype(ring: _Ring) -> str:
-    return "float64" if ring.dtype == "float64" else "float32"
+    return compute_dtype_name(ring.dtype)
 
 
 def _shift(ring: _Ring, *xs):

@@ -27,7 +27,14 @@ import torch.distributed as dist  # noqa: E402
 from torch.autograd.function import once_differentiable  # noqa: E402
 
 from .._config import KernelConfig  # noqa: E402
-from .._spec import AttentionInputError, Dims, check_float_dtypes, seed_dims  # noqa: E402
+from .._spec import (  # noqa: E402
+    AttentionInputError,
+    Dims,
+    check_float_dtypes,
+    compute_dtype_name,
+    lse_merge_weights,
+    seed_dims,
+)
 from ..torch.kernel import backward_block, forward_block  # noqa: E402
 from ._plan import Block, block_config, check_layout, step_block, zigzag_permutation  # noqa: E402
 
@@ -72,7 +79,7 @@ class _Ring:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return torch.float64 if self.dtype == "float64" else torch.float32
+        return getattr(torch, compute_dtype_name(self.dtype))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,11 +128,7 @@ def _merge_block(ring: _Ring, blk: Block, out, lse, q, k, v) -> None:
     q_b, k_b, v_b = q[:, :, blk.q0 : blk.q1], k[:, :, blk.k0 : blk.k1], v[:, :, blk.k0 : blk.k1]
     o_b, lse_b = forward_block(ring.config(blk, q.device), q_b, k_b, v_b)
     o_acc, l_acc = out[:, :, blk.q0 : blk.q1], lse[:, :, blk.q0 : blk.q1]
-    m = torch.maximum(l_acc, lse_b)
-    m = m.masked_fill(m == _NEG_INF, 0.0)
-    new = m + ((l_acc - m).exp() + (lse_b - m).exp()).log()
-    new_safe = new.masked_fill(new == _NEG_INF, 0.0)
-    w_acc, w_b = (l_acc - new_safe).exp(), (lse_b - new_safe).exp()
+    w_acc, w_b, new = lse_merge_weights(torch, l_acc, lse_b)
     o_acc.mul_(w_acc.unsqueeze(-1)).add_(o_b.to(o_acc.dtype) * w_b.unsqueeze(-1))
     l_acc.copy_(new)
 
