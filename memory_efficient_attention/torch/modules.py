@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from .._config import chunk_keep
+from .._masks import StructuredMask
 from .._spec import AttentionInputError, seed_dims
 from ..masks import alibi_score_mod, alibi_slopes
 from .kernel import attention as _attention
@@ -149,8 +151,18 @@ def _attention_weights(q, k, mask, bias, score_mod, structured, average, chunk):
     b_idx = torch.arange(bsz, device=dev).view(-1, 1, 1, 1)
     h_idx = torch.arange(heads, device=dev).view(1, -1, 1, 1)
     k_idx = torch.arange(src_len, device=dev).view(1, 1, 1, -1)
-    q_lens, kv_lens = structured["query_seq_lengths"], structured["key_value_seq_lengths"]
+    # The kernel's structured-mask rule (``chunk_keep``) on [B, H, lc, S] grids.
+    causal = StructuredMask(q_len=tgt_len, kv_len=src_len, causal=structured["is_causal"])
+
+    def as_grid(x, shape):
+        return None if x is None else torch.as_tensor(x, device=dev).reshape(shape)
+
+    q_lens = as_grid(structured["query_seq_lengths"], (-1, 1, 1, 1))
+    kv_lens = as_grid(structured["key_value_seq_lengths"], (-1, 1, 1, 1))
     q_segs, kv_segs = structured["query_segment_ids"], structured["key_segment_ids"]
+    if q_segs is None or kv_segs is None:
+        q_segs = kv_segs = None
+    q_segs, kv_segs = as_grid(q_segs, (bsz, 1, -1, 1)), as_grid(kv_segs, (bsz, 1, 1, -1))
     rows = []
     for q0 in range(0, tgt_len, chunk):
         q1 = min(tgt_len, q0 + chunk)
@@ -161,17 +173,20 @@ def _attention_weights(q, k, mask, bias, score_mod, structured, average, chunk):
         if score_mod is not None:
             s = score_mod(s, b_idx, h_idx, q_idx, k_idx)
         keep = [] if mask is None else [mask if mask.shape[-2] == 1 else mask[..., q0:q1, :]]
-        if structured["is_causal"]:
-            keep.append(k_idx <= q_idx)
-        if q_lens is not None:
-            keep.append(q_idx < torch.as_tensor(q_lens, device=dev).reshape(-1, 1, 1, 1))
-        if kv_lens is not None:
-            keep.append(k_idx < torch.as_tensor(kv_lens, device=dev).reshape(-1, 1, 1, 1))
-        if q_segs is not None and kv_segs is not None:
-            qs = torch.as_tensor(q_segs, device=dev).reshape(bsz, 1, -1, 1)[:, :, q0:q1]
-            keep.append(qs == torch.as_tensor(kv_segs, device=dev).reshape(bsz, 1, 1, -1))
-        if structured["mask_mod"] is not None:
-            keep.append(structured["mask_mod"](b_idx, h_idx, q_idx, k_idx))
+        structural = chunk_keep(
+            causal,
+            q_idx,
+            k_idx,
+            q_lengths=q_lens,
+            kv_lengths=kv_lens,
+            q_segments=None if q_segs is None else q_segs[:, :, q0:q1],
+            kv_segments=kv_segs,
+            mask_mod=structured["mask_mod"],
+            batch_idx=b_idx,
+            head_idx=h_idx,
+        )
+        if structural is not None:
+            keep.append(structural)
         for part in keep:
             s = s.masked_fill(~part, float("-inf"))
         top = s.amax(-1, keepdim=True).detach()
