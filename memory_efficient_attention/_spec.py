@@ -337,6 +337,17 @@ def check_float_dtypes(names_and_dtypes: Sequence[tuple[str, str]], *, same: boo
     return first
 
 
+def additive_mask_error(name: str, dtype, noun: str = "tensor") -> AttentionInputError:
+    """The error for a float ``mask`` holding values other than 0 and 1. A mask keeps a score
+    where it is nonzero (the seed's and Flax's rule), so an additive 0/-inf mask given as ``mask``
+    would silently come out inverted; both frameworks refuse it with this message."""
+    return AttentionInputError(
+        f"{name} is a float {noun} (dtype {dtype}) with values other than 0 and 1: a {name} keeps "
+        f"a score where it is True/nonzero, so an additive mask (0 / -inf or 0 / -1e9) would be "
+        f"inverted; pass additive masks as bias=, or a bool {name}"
+    )
+
+
 def check_dropout(rate: float) -> float:
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
         raise AttentionInputError(f"dropout rate must be a float in [0, 1), got {rate!r}")

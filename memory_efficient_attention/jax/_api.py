@@ -21,6 +21,7 @@ from .._config import CallArrays, CallOptions, make_config
 from .._spec import (
     AttentionInputError,
     Dims,
+    additive_mask_error,
     check_float_dtypes,
     describe,
     operand_shape,
@@ -107,11 +108,7 @@ def _check_mask_values(mask) -> None:
     if not jnp.issubdtype(mask.dtype, jnp.floating) or mask.size == 0:
         return
     if not bool(jnp.all((mask == 0) | (mask == 1))):
-        raise AttentionInputError(
-            f"mask has dtype {mask.dtype} and values other than 0 and 1: a mask keeps a score where "
-            "it is nonzero, so an additive mask (0 / -inf or 0 / -1e9) would come out inverted; "
-            "pass an additive mask as bias=, or a bool mask (True keeps)"
-        )
+        raise additive_mask_error("mask", mask.dtype, "array")
 
 
 def _fold_array_scale(q, scale):

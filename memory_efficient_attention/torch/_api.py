@@ -16,6 +16,7 @@ from .._config import CallArrays, CallOptions, make_config
 from .._spec import (
     AttentionInputError,
     Dims,
+    additive_mask_error,
     check_float_dtypes,
     describe,
     heads_first_dims,
@@ -54,12 +55,7 @@ def _operand(name: str, x, dims: Dims, like: torch.Tensor, *, boolean: bool) -> 
     x = torch.as_tensor(x, device=like.device)
     if boolean:
         if x.is_floating_point() and x.numel() and bool(((x != 0) & (x != 1)).any()):
-            # An additive 0/-inf mask would be read with Flax's nonzero rule as the inverse mask.
-            raise AttentionInputError(
-                f"{name} is a float tensor (dtype {x.dtype}) with values other than 0 and 1: a "
-                f"{name} keeps a score where it is True/nonzero, so an additive mask (0 / -inf) "
-                f"would be inverted; pass additive masks as bias=, or a bool {name}"
-            )
+            raise additive_mask_error(name, x.dtype)
         if x.dtype != torch.bool:
             x = x != 0  # Flax's rule: any nonzero value keeps
     elif not x.is_floating_point():
