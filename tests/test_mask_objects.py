@@ -4,12 +4,6 @@ block plans against the dense masks, the keyword round trip, and ``mask=`` in bo
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -17,9 +11,9 @@ from memory_efficient_attention import masks as M
 from memory_efficient_attention._masks import EMPTY, FULL
 from memory_efficient_attention._spec import AttentionInputError
 
+from .python_process import run_python
 from .reference import reference_grads, structured_keep
 
-ROOT = Path(__file__).resolve().parents[1]
 BATCH = (2,)
 SHAPES = [(7, 9), (9, 7), (8, 8)]
 
@@ -413,7 +407,6 @@ def test_merge_mask_kwargs_conflicts():
 
 
 def test_import_is_lazy():
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     code = """
         import sys
         import numpy as np
@@ -422,14 +415,7 @@ def test_import_is_lazy():
         obj.to_dense(4, 4), obj.block_grid(4, 4, 2, 2), obj.to_kwargs()
         print("HEAVY", sorted(m for m in ("torch", "jax", "jaxlib", "flax") if m in sys.modules))
     """
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stdout, proc.stdout
 

@@ -8,11 +8,6 @@ from __future__ import annotations
 import doctest
 import itertools
 import math
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,22 +29,8 @@ from memory_efficient_attention._masks import (
 )
 from memory_efficient_attention._spec import AttentionInputError, Dims
 
+from .python_process import run_python
 from .reference import structured_keep
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_python(code: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
 
 # ------------------------------------------------------------------------------------------
 # Import laziness and the public names

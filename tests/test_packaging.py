@@ -5,15 +5,13 @@ Nothing here imports torch or jax in this process (the subprocess tests import t
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 from importlib import resources
 from pathlib import Path
 
 import pytest
 import tomllib
+
+from .python_process import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,10 +60,7 @@ def test_missing_framework_names_the_extra(module, missing, extra):
         else:
             print("IMPORTED")
     """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=120
-    )
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
     assert f'pip install "memory-efficient-attention[{extra}]"' in proc.stdout, proc.stdout
 
@@ -80,8 +75,5 @@ def test_seed_name_without_torch_names_the_extra():
         except ModuleNotFoundError as err:
             print("MESSAGE:", err)
     """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=120
-    )
+    proc = run_python(code)
     assert 'memory-efficient-attention[torch]"' in proc.stdout, (proc.stdout, proc.stderr)
