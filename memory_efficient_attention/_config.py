@@ -15,6 +15,7 @@ from typing import Any
 
 from ._chunks import choose_chunk_sizes, parse_memory, tile_size
 from ._masks import BlockPlan, StructuredMask, alignment_offset, normalize_window
+from ._spans import check_engine
 from ._spec import (
     AttentionInputError,
     Dims,
@@ -58,6 +59,7 @@ class CallOptions:
     mask_fill: str = "min"
     logits_soft_cap: float | None = None
     dropout_rate: float = 0.0
+    engine: str = "auto"
 
     def __post_init__(self):
         if not isinstance(self.is_causal, bool):
@@ -74,6 +76,7 @@ class CallOptions:
             set_(self, "scale", resolve_scale(self.scale, 1))
         set_(self, "logits_soft_cap", check_softcap(self.logits_soft_cap))
         set_(self, "dropout_rate", check_dropout(self.dropout_rate))
+        check_engine(self.engine)
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,7 @@ class KernelConfig:
     mask_fill: str = "min"
     softcap: float | None = None
     dropout: float = 0.0
+    engine: str = "auto"  # "auto", "chunked" or "fused" (``_spans``)
 
     @cached_property
     def plan(self) -> BlockPlan:
@@ -260,4 +264,5 @@ def make_config(
         mask_fill=options.mask_fill,
         softcap=options.logits_soft_cap,
         dropout=options.dropout_rate,
+        engine=options.engine,
     )

@@ -5,6 +5,6 @@ from .._require import require
 
 require("torch", "torch", __name__)
 
-from ._api import efficient_dot_product_attention, scaled_dot_product_attention  # noqa: E402
+from ._api import efficient_dot_product_attention, explain, scaled_dot_product_attention  # noqa: E402
 
-__all__ = ["efficient_dot_product_attention", "scaled_dot_product_attention"]
+__all__ = ["efficient_dot_product_attention", "explain", "scaled_dot_product_attention"]

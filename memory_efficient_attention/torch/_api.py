@@ -7,6 +7,7 @@ Shape legend (``memory_efficient_attention._spec``): ``B...`` batch dims (any nu
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
 from typing import Any
 
@@ -24,10 +25,11 @@ from .._spec import (
     padded_operand_shape,
     seed_dims,
 )
+from . import _engines as engines
 from ._function import Operands, chunked_attention
 from ._kernel import Mods
 
-__all__ = ["efficient_dot_product_attention", "scaled_dot_product_attention"]
+__all__ = ["efficient_dot_product_attention", "explain", "scaled_dot_product_attention"]
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -128,11 +130,48 @@ def _attention(
         None if qseg is None else qseg.reshape(z, dims.q_len),
         None if kvseg is None else kvseg.reshape(z, dims.kv_len),
     )
+    if _PLAN_ONLY.get():
+        raise _PlanReady(engines.explain(cfg, mods, ops))
     seed = 0
     if cfg.dropout:
         device = generator.device if generator is not None else q5.device
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
     return chunked_attention(cfg, mods, seed, ops)
+
+
+class _PlanReady(Exception):
+    """Carries ``explain``'s text out of ``_attention`` (nothing computed)."""
+
+
+_PLAN_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("plan_only", default=False)
+
+
+def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs) -> str:
+    """The engine and plan that ``efficient_dot_product_attention(query, key, value, *args,
+    **kwargs)`` would run, as text; the arguments are checked, nothing is computed.
+
+    Example::
+
+        >>> import torch
+        >>> from memory_efficient_attention.torch import explain
+        >>> q = torch.randn(1, 3000, 8, 64)
+        >>> print(explain(q, q, q, is_causal=True, causal_alignment="bottom_right"))
+        engine: fused (torch's flash-attention CPU kernel per span, merged by lse)
+        SpanPlan(L=3000, S=3000, 1 query span, 1 calls: 0 full, 1 diagonal, 0 partial)
+          q[0:3000]: diagonal k[0:3000]
+        >>> print(explain(q[:, :8], q[:, :8], q[:, :8], logits_soft_cap=30.0, key_chunk_size=4))
+        engine: chunked (not fused: a logits soft cap)
+        BlockPlan(L=8, S=8, q_chunk=8, k_chunk=4, 1x2 chunks, 2 full, 0 partial, 0 empty)
+          # #
+    """
+    token = _PLAN_ONLY.set(True)
+    try:
+        efficient_dot_product_attention(query, key, value, *args, **kwargs)
+    except _PlanReady as plan:
+        return str(plan)
+    finally:
+        _PLAN_ONLY.reset(token)
+    raise AssertionError("explain: the call returned without reaching the kernel")  # pragma: no cover
 
 
 def efficient_dot_product_attention(
@@ -163,6 +202,7 @@ def efficient_dot_product_attention(
     generator: torch.Generator | None = None,
     return_lse: bool = False,
     memory_budget: int | str | None = None,
+    engine: str = "auto",
 ):
     """Exact attention in O(n) memory, forward and backward (seed-compatible signature).
 
@@ -204,6 +244,11 @@ def efficient_dot_product_attention(
       return_lse: also return the log-sum-exp of each row, ``[B..., L, H]`` in float32 (float64
         for float64 inputs); ``-inf`` for a row with no key left. It is differentiable.
       memory_budget: bytes or a string like ``"512MB"`` for the automatic chunk sizes.
+      engine: ``"auto"`` (default), ``"fused"`` or ``"chunked"``. On CPU, ``"auto"`` runs torch's
+        fused flash-attention kernel on large spans merged by their lse when the call needs no
+        per-element work of ours (no ``score_mod``, callbacks, soft cap, dropout, bias gradient,
+        seed-rule dense mask, or value depth != key depth), and the chunked engine otherwise;
+        ``"fused"`` raises if it cannot; ``explain(...)`` prints the choice and the plan.
 
     Structured masks exclude keys: a query row with no key left outputs 0 with zero gradient.
 
@@ -237,7 +282,7 @@ def efficient_dot_product_attention(
         memory_budget=memory_budget, is_causal=structured["is_causal"],
         causal_alignment=structured["causal_alignment"],
         local_window_size=structured["local_window_size"], mask_fill="min",
-        logits_soft_cap=logits_soft_cap, dropout_rate=dropout_rate,
+        logits_soft_cap=logits_soft_cap, dropout_rate=dropout_rate, engine=engine,
     )  # fmt: skip
     arrays = CallArrays(
         mask=mask, bias=bias, query_seq_lengths=structured["query_seq_lengths"],

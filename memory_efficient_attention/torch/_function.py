@@ -18,17 +18,9 @@ from typing import NamedTuple
 import torch
 
 from .._config import KernelConfig
+from . import _engines as engines
 from ._higher import attention_forward_differentiable, attention_jvp, fold_vmap, unfold_vmap
-from ._kernel import (
-    Mods,
-    _is_plain,
-    _unit,
-    attention_backward,
-    attention_forward,
-    base2_overflowed,
-    log_sum_exp,
-    scores_may_overflow,
-)
+from ._kernel import Mods, log_sum_exp
 
 
 class Operands(NamedTuple):
@@ -194,13 +186,6 @@ def _filled(cell) -> bool:
     return True
 
 
-def _choose_units(cfg: KernelConfig, mods: Mods, ops: Operands) -> None:
-    """Natural units ahead of the forward when scores or bias could overflow base-2 units and the
-    pipeline has more than the plain scores (the plain forward is checked after the fact)."""
-    if _unit(mods) != 1.0 and cfg.dtype != "float16" and not _is_plain(cfg, mods, ops):
-        mods.natural = scores_may_overflow(cfg, ops)
-
-
 class ChunkedAttention(torch.autograd.Function):
     """``(out, lse, row_max, row_sum) = attention(q, k, v, bias, ...)``.
 
@@ -211,22 +196,15 @@ class ChunkedAttention(torch.autograd.Function):
     ``torch.func.vmap`` have chunked rules of their own (``_higher``), for which captured tensors
     must carry no tangent and not be mapped (``chunked_attention`` refuses those).
 
-    Units: base-2 unless ``_kernel._unit`` says otherwise; a forward in base-2 units whose scores
-    overflowed them (finite scores beyond ``finfo.max / log2(e)``) is rerun in natural units."""
+    The forward and the first backward run on the engine ``_engines`` picks (the fused CPU
+    kernel or the chunked loop: their statistics are interchangeable). Units: base-2 unless
+    ``_kernel._unit`` says otherwise; a forward in base-2 units whose scores overflowed them
+    (finite scores beyond ``finfo.max / log2(e)``) is rerun in natural units."""
 
     @staticmethod
     def forward(cfg: KernelConfig, mods: Mods, seed: int, *tensors):
         _, ops, _ = _TENSORS.split(tensors)
-        _choose_units(cfg, mods, ops)
-        out, row_max, row_sum = attention_forward(cfg, mods, ops, seed)
-        if (
-            _unit(mods) != 1.0
-            and cfg.dtype != "float16"  # |scale * q.k| <= D * 65504^2 * scale: far from overflow
-            and base2_overflowed(cfg, row_sum)
-            and scores_may_overflow(cfg, ops)
-        ):
-            mods.natural = True
-            out, row_max, row_sum = attention_forward(cfg, mods, ops, seed)
+        out, row_max, row_sum = engines.forward(cfg, mods, ops, seed)
         return out, log_sum_exp(row_max, row_sum, mods), row_max, row_sum
 
     @staticmethod
@@ -286,7 +264,7 @@ class ChunkedAttentionGrad(torch.autograd.Function):
         _, ops, _ = _TENSORS.split(tensors)
         # The captured tensors as the callables hold them (autograd differentiates those objects).
         captured = [t for t, n in zip(mods.captured, need.captured) if n]
-        dq, dk, dv, dbias, *held = attention_backward(
+        dq, dk, dv, dbias, *held = engines.backward(
             cfg, mods, ops, seed, out, row_max, row_sum, d_out, d_lse,
             ops.bias is not None and need.ops.bias, captured=captured,
         )  # fmt: skip

@@ -58,6 +58,8 @@ class Mods:
     captured: tuple = ()
     # Natural units although no callable needs them: finite scores beyond finfo.max / log2(e).
     natural: bool = False
+    # The engine the forward ran on (``_engines.forward``), read by the backward.
+    engine: str | None = None
 
     @property
     def seed_callbacks(self) -> bool:
@@ -177,26 +179,31 @@ def _transform_scores(s, cfg: KernelConfig, mods: Mods, ops, c: Tile, bias_c, ma
         else:
             s5.fill_(float(modded))
     if c.kind == PARTIAL:
-        q_idx, k_idx, b_idx, h_idx = grids or _index_grids(cfg, c, s.device)
-        keep = chunk_keep(
-            cfg.structure,
-            q_idx,
-            k_idx,
-            q_lengths=None if ops.q_lengths is None else ops.q_lengths.view(-1, 1, 1, 1, 1),
-            kv_lengths=None if ops.kv_lengths is None else ops.kv_lengths.view(-1, 1, 1, 1, 1),
-            q_segments=None
-            if ops.q_segments is None
-            else ops.q_segments[:, c.q0 : c.q1].view(-1, 1, c.q1 - c.q0, 1, 1),
-            kv_segments=None
-            if ops.kv_segments is None
-            else ops.kv_segments[:, c.k0 : c.k1].view(-1, 1, 1, 1, c.k1 - c.k0),
-            mask_mod=None if mods.mask_mod is None else _checked_mask_mod(mods, s5.shape, s.device),
-            batch_idx=b_idx,
-            head_idx=h_idx,
-        )
+        keep = structured_keep(cfg, mods, ops, c, grids or _index_grids(cfg, c, s.device), s5.shape)
         if keep is not None:
             s5.masked_fill_(keep.logical_not(), _NEG_INF)
     return s
+
+
+def structured_keep(cfg: KernelConfig, mods: Mods, ops, c: Tile, grids, need):
+    """The structured masks' keep mask of tile ``c`` (``_config.chunk_keep`` on the index grids
+    of ``_index_grids``; the lengths, segment ids and ``mask_mod`` of the call), broadcastable to
+    ``need`` ``[Z, K, lc, G, kc]``; None if nothing is masked."""
+    q_idx, k_idx, b_idx, h_idx = grids
+    lc, kc = c.q1 - c.q0, c.k1 - c.k0
+    qs, ks = ops.q_segments, ops.kv_segments
+    return chunk_keep(
+        cfg.structure,
+        q_idx,
+        k_idx,
+        q_lengths=None if ops.q_lengths is None else ops.q_lengths.view(-1, 1, 1, 1, 1),
+        kv_lengths=None if ops.kv_lengths is None else ops.kv_lengths.view(-1, 1, 1, 1, 1),
+        q_segments=None if qs is None else qs[:, c.q0 : c.q1].view(-1, 1, lc, 1, 1),
+        kv_segments=None if ks is None else ks[:, c.k0 : c.k1].view(-1, 1, 1, 1, kc),
+        mask_mod=None if mods.mask_mod is None else _checked_mask_mod(mods, need, q_idx.device),
+        batch_idx=b_idx,
+        head_idx=h_idx,
+    )
 
 
 def _seed_callbacks(s5, cfg: KernelConfig, mods: Mods, c: Tile, bias_c, mask_c):

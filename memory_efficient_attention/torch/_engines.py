@@ -1,0 +1,148 @@
+"""The PyTorch engines behind one seam: which one runs a call, forward and backward.
+
+Every engine takes the call's ``KernelConfig``, ``Mods`` and kernel-layout ``Operands`` and
+returns ``(out, row_max, row_sum)`` forward and ``(dq, dk, dv, dbias[, d_captured])`` backward,
+the backward reading the *global* ``out`` and statistics (``_kernel.log_sum_exp`` turns them into
+the natural-log lse). Engines (see ``_spans``):
+
+* ``chunked`` (``_kernel``): everything; the universal fallback.
+* ``fused`` (``_fused``): torch's fused CPU flash kernel per span; plain scores, structured
+  masks, a dense boolean mask that excludes keys, a bias without gradient.
+
+``engine="auto"`` (the default) takes ``fused`` where ``fused_refusal`` has no objection and
+``chunked`` otherwise; its backward falls back to ``chunked`` when it needs what the fused kernel
+cannot give (a bias gradient, a gradient of the returned lse). The choice is logged at DEBUG level
+on the ``memory_efficient_attention`` logger, and ``explain`` prints it with the plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+from .._config import KernelConfig
+from .._spans import fused_refusal
+from .._spec import AttentionInputError
+from . import _fused
+from ._kernel import (
+    Mods,
+    _is_plain,
+    _unit,
+    attention_backward,
+    attention_forward,
+    base2_overflowed,
+    scores_may_overflow,
+)
+
+log = logging.getLogger("memory_efficient_attention")
+_warned: set[str] = set()
+
+
+def fused_refusal_of(cfg: KernelConfig, mods: Mods, ops) -> str | None:
+    """Why this call cannot run on the fused engine (None: it can)."""
+    reason = fused_refusal(
+        dims=cfg.dims,
+        softcap=cfg.softcap,
+        dropout=cfg.dropout,
+        callables=mods.needs_autograd,
+        dense_mask_fill=cfg.mask_fill if ops.mask is not None else None,
+        device=ops.q.device.type,
+    )
+    if reason is None and ops.q.device.type == "cpu":
+        reason = _fused.unavailable()
+        if reason is not None and reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(f"{reason}: memory_efficient_attention uses its chunked engine", stacklevel=4)
+    if reason is None and ops.bias is not None and bool(torch.isneginf(ops.bias).any()):
+        reason = "a bias with -inf entries (pass a boolean mask for excluded keys)"
+    return reason
+
+
+def choose(cfg: KernelConfig, mods: Mods, ops) -> tuple[str, str | None]:
+    """``(engine, why not fused)`` for a call (``cfg.engine``: ``auto``, ``chunked``, ``fused``)."""
+    if cfg.engine == "chunked":
+        return "chunked", "engine='chunked' was asked for"
+    if cfg.dims.empty:
+        return "chunked", "an empty batch, query or key axis"
+    reason = fused_refusal_of(cfg, mods, ops)
+    if reason is not None and cfg.engine == "fused":
+        raise AttentionInputError(
+            f"engine='fused' cannot run this call: it has {reason}; pass engine='auto' (chooses "
+            "per call) or engine='chunked'"
+        )
+    return ("fused" if reason is None else "chunked"), reason
+
+
+def forward(cfg: KernelConfig, mods: Mods, ops, seed: int):
+    """``(out, row_max, row_sum)`` by the engine ``choose`` picks (remembered in ``mods.engine``)."""
+    engine, reason = choose(cfg, mods, ops)
+    mods.engine = engine
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("forward: %s engine%s", engine, "" if reason is None else f" ({reason})")
+    if engine == "fused":
+        out, lse = _fused.fused_forward(cfg, mods, ops)
+        limit = torch.finfo(lse.dtype).max / 4
+        if _unit(mods) != 1.0 and not bool(lse.nan_to_num(neginf=0.0).abs().amax() <= limit):
+            mods.natural = True  # an lse beyond base-2 units: the statistics in natural units
+        return (out, *_fused.statistics(lse, _unit(mods)))
+    return _chunked_forward(cfg, mods, ops, seed)
+
+
+def _chunked_forward(cfg: KernelConfig, mods: Mods, ops, seed: int):
+    # Natural units ahead of the forward when scores or bias could overflow base-2 units and the
+    # pipeline has more than the plain scores (the plain forward is checked after the fact).
+    if _unit(mods) != 1.0 and cfg.dtype != "float16" and not _is_plain(cfg, mods, ops):
+        mods.natural = scores_may_overflow(cfg, ops)
+    out, row_max, row_sum = attention_forward(cfg, mods, ops, seed)
+    if (
+        _unit(mods) != 1.0
+        and cfg.dtype != "float16"  # |scale * q.k| <= D * 65504^2 * scale: far from overflow
+        and base2_overflowed(cfg, row_sum)
+        and scores_may_overflow(cfg, ops)
+    ):
+        mods.natural = True
+        out, row_max, row_sum = attention_forward(cfg, mods, ops, seed)
+    return out, row_max, row_sum
+
+
+def backward_engine(cfg: KernelConfig, mods: Mods, ops, d_lse, need_bias_grad: bool, captured) -> str:
+    """The engine of a backward: the forward's, unless it needs what the fused kernel lacks."""
+    engine = mods.engine or choose(cfg, mods, ops)[0]
+    if engine != "fused":
+        return "chunked"
+    why = None
+    if need_bias_grad:
+        why = "a bias gradient"
+    elif captured:
+        why = "gradients of captured tensors"
+    elif d_lse is not None and bool(d_lse.any()):
+        why = "a gradient of the returned lse"
+    if why is not None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("backward: chunked engine (it needs %s)", why)
+        return "chunked"
+    return "fused"
+
+
+def backward(cfg: KernelConfig, mods: Mods, ops, seed, out, row_max, row_sum, d_out, d_lse,
+             need_bias_grad: bool, captured=None):  # fmt: skip
+    """Gradients (see ``_kernel.attention_backward``) by ``backward_engine``'s choice."""
+    if backward_engine(cfg, mods, ops, d_lse, need_bias_grad, captured) == "fused":
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("backward: fused engine")
+        dq, dk, dv = _fused.fused_backward(cfg, mods, ops, out, row_max, row_sum, d_out, _unit(mods))
+        return (dq, dk, dv, None, []) if captured else (dq, dk, dv, None)
+    return attention_backward(cfg, mods, ops, seed, out, row_max, row_sum, d_out, d_lse,
+                              need_bias_grad, captured=captured)  # fmt: skip
+
+
+def explain(cfg: KernelConfig, mods: Mods, ops) -> str:
+    """The engine a call runs on and its plan, as text."""
+    engine, reason = choose(cfg, mods, ops)
+    if engine == "fused":
+        head = "engine: fused (torch's flash-attention CPU kernel per span, merged by lse)"
+        return f"{head}\n{_fused.span_plan(cfg, ops)}"
+    why = f" (not fused: {reason})" if reason else ""
+    return f"engine: chunked{why}\n{cfg.plan}"

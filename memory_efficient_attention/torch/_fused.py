@@ -1,0 +1,206 @@
+"""The fused CPU engine: torch's own flash-attention CPU kernel, one call per span.
+
+``torch.ops.aten._scaled_dot_product_flash_attention_for_cpu`` (the kernel behind CPU SDPA:
+blocked over batch x heads x query blocks, scale/mask/max/exp/sum fused, O(n) memory) returns
+``(out, lse)``; its backward takes the *global* ``out`` and ``lse`` and gives a span's share of
+dQ/dK/dV. The spans of ``_spans.SpanPlan`` are computed by one call each and merged by their
+lse (``_spec.lse_merge_weights``); a partial span gets an additive mask (0 / -inf, plus a bias)
+of its own size. Grouped-query attention runs without repeating K/V (the kernel maps query head
+``h`` to key/value head ``h // G``).
+
+Layouts (legend: ``_spec``)::
+
+    q5 [Z, K, L, G, D] -> heads view [Z, H, L, D]      k, v [Z, K, S, D]
+    out [Z, K, L, G, E] (E = D)      row_max = lse * unit, row_sum = 1 (0 for a row with no key)
+
+The statistics match the chunked engine's (``exp(s - row_max) / row_sum`` in its units is P), so
+every path that reads them (the chunked backward, forward mode, double backward) takes a fused
+forward's too.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .._config import KernelConfig
+from .._masks import FULL, Tile
+from .._spans import DIAGONAL, MASK_ELEMENTS, SpanPlan
+from .._spec import lse_merge_weights
+
+_NEG_INF = float("-inf")
+_OP_NAME = "_scaled_dot_product_flash_attention_for_cpu"
+SPAN_Q = 1024  # query rows of a span where a mask or a window needs spans
+
+
+@functools.cache
+def unavailable() -> str | None:
+    """Why torch's fused CPU kernel cannot be used in this torch (None: it can): missing, or its
+    signature or results differ from what this engine was written against (checked once on a
+    tiny input against the dense formula)."""
+    fwd = getattr(torch.ops.aten, _OP_NAME, None)
+    bwd = getattr(torch.ops.aten, _OP_NAME + "_backward", None)
+    if fwd is None or bwd is None:
+        return f"torch {torch.__version__} has no aten.{_OP_NAME}"
+    try:
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = torch.randn(3, 1, 1, 3, 4, generator=gen, dtype=torch.float64).unbind(0)
+        q = q.repeat(1, 2, 1, 1)  # two query heads on one key/value head
+        out, lse = fwd(q, k, v, 0.0, True, attn_mask=None, scale=0.5)
+        mask = torch.ones(3, 3, dtype=torch.bool).tril()
+        s = (q @ k.transpose(-1, -2) * 0.5).masked_fill(~mask, _NEG_INF)
+        ok = torch.allclose(out, s.softmax(-1) @ v) and torch.allclose(lse, s.logsumexp(-1))
+        grads = bwd(torch.ones_like(out), q, k, v, out, lse, 0.0, True, attn_mask=None, scale=0.5)
+        ok = ok and [tuple(g.shape) for g in grads] == [tuple(q.shape), tuple(k.shape), tuple(v.shape)]
+    except Exception as err:  # a changed signature or a refused input
+        return f"torch {torch.__version__}'s aten.{_OP_NAME} does not behave as expected ({err})"
+    return None if ok else f"torch {torch.__version__}'s aten.{_OP_NAME} gave unexpected results"
+
+
+def span_plan(cfg: KernelConfig, ops) -> SpanPlan:
+    """The spans of a call: query spans of 1024 rows where masks or windows need them, partial
+    spans narrow enough that their additive mask stays within ``MASK_ELEMENTS`` per
+    broadcast slice."""
+    dims = cfg.dims
+    span_q = min(SPAN_Q, max(dims.q_len, 1))
+    slices = 1
+    for x in (ops.bias, ops.mask):
+        if x is not None:
+            slices = max(slices, x.shape[0] * x.shape[1])
+    if cfg.structure.dynamic:
+        slices = max(slices, dims.batch_size * (dims.q_heads if cfg.structure.mask_mod else 1))
+    partial_k = max(128, MASK_ELEMENTS // (span_q * slices))
+    dense = ops.bias is not None or ops.mask is not None
+    return SpanPlan.build(cfg.structure, span_q=span_q, partial_k=partial_k, dense=dense)
+
+
+def _heads(x5: torch.Tensor) -> torch.Tensor:
+    """``[Z, K, L, G, X]`` -> the view ``[Z, H, L, X]`` (query head ``h = k * G + g``)."""
+    return x5.transpose(2, 3).flatten(1, 2)
+
+
+def _span_mask(cfg: KernelConfig, mods, ops, span, dtype):
+    """``(additive mask [Zm, Hm, lq, kc] or None, rows_with_a_key [Zr, Hr, lq] or None)`` of one
+    span: the structured masks (unless the span is full or diagonal), the dense mask and the bias."""
+    from ._kernel import _index_grids, _operand_chunk, structured_keep
+
+    dims = cfg.dims
+    q0, q1, k0, k1, kind = span
+    keep = None
+    if kind not in (FULL, DIAGONAL) or (kind == DIAGONAL and ops.mask is not None):
+        tile = Tile(0, 0, q0, q1, k0, k1, kind)
+        need = (dims.batch_size, dims.kv_heads, q1 - q0, dims.groups, k1 - k0)
+        keep = structured_keep(cfg, mods, ops, tile, _index_grids(cfg, tile, ops.q.device), need)
+    dense = _operand_chunk(ops.mask, cfg, q0, q1, k0, k1)
+    if dense is not None:
+        keep = dense if keep is None else keep & dense
+    bias = _operand_chunk(ops.bias, cfg, q0, q1, k0, k1)
+    if keep is None and bias is None:
+        return None, None
+    rows = None
+    if keep is not None:
+        keep = torch.as_tensor(keep, device=ops.q.device)
+        keep = keep.reshape((1,) * (5 - keep.dim()) + tuple(keep.shape))
+        keep = keep.expand(keep.shape[0], keep.shape[1], q1 - q0, keep.shape[3], k1 - k0)
+        rows = _to_heads(keep.any(dim=-1, keepdim=True), dims)[..., 0]
+        add = torch.zeros((), dtype=dtype, device=ops.q.device).masked_fill(~keep, _NEG_INF)
+        add = add if bias is None else add + bias.to(dtype)
+    else:
+        add = bias.to(dtype)
+    return _to_heads(add, dims), rows
+
+
+def _to_heads(x5: torch.Tensor, dims) -> torch.Tensor:
+    """A chunk broadcastable to ``[Z, K, lc, G, kc]`` -> ``[Zx, Hx, lc, kc]`` (Hx = 1 if it does
+    not vary over heads)."""
+    zx, kx, lc, gx, kc = x5.shape
+    if kx == 1 and gx == 1:
+        return x5.reshape(zx, 1, lc, kc)
+    return _heads(x5.expand(zx, dims.kv_heads, lc, dims.groups, kc))
+
+
+def fused_forward(cfg: KernelConfig, mods, ops):
+    """``out [Z, K, L, G, E]`` (input dtype) and the natural-log ``lse [Z, K, L, G]`` (compute
+    dtype; ``-inf`` for a row with no key)."""
+    op = getattr(torch.ops.aten, _OP_NAME)
+    dims = cfg.dims
+    z, kh, g, e = dims.batch_size, dims.kv_heads, dims.groups, dims.v_depth
+    cdt = getattr(torch, cfg.compute_dtype)
+    q = _heads(ops.q)
+    dev = q.device
+    plan = span_plan(cfg, ops)
+    mask_dtype = torch.float32 if ops.q.dtype in (torch.float16, torch.bfloat16) else ops.q.dtype
+    out = lse = None
+    if len(plan.rows) > 1 or not plan.rows[0][2]:
+        # Output in [Z, L, H, E] memory, seen as [Z, H, L, E]: the seed layout's order.
+        out = torch.empty(z, dims.q_len, dims.q_heads, e, dtype=ops.q.dtype, device=dev).transpose(1, 2)
+        lse = torch.empty(z, dims.q_heads, dims.q_len, dtype=cdt, device=dev)
+    for q0, q1, spans in plan.rows:
+        if not spans:
+            out[:, :, q0:q1] = 0.0
+            lse[:, :, q0:q1] = _NEG_INF
+            continue
+        acc = acc_lse = None
+        for span in spans:
+            add, rows = _span_mask(cfg, mods, ops, span, mask_dtype)
+            o, l = op(
+                q[:, :, q0:q1], ops.k[:, :, span.k0 : span.k1], ops.v[:, :, span.k0 : span.k1], 0.0,
+                span.kind == DIAGONAL, attn_mask=add, scale=cfg.scale,
+            )  # fmt: skip
+            l = l.to(cdt)
+            if rows is not None:  # a row with no key in the span: lse -inf (the kernel says 0)
+                l = l.masked_fill(~rows, _NEG_INF)
+            if acc is None:
+                acc, acc_lse = o, l
+                continue
+            w_a, w_b, acc_lse = lse_merge_weights(torch, acc_lse, l)
+            # (the kernel outputs 0 for a row with no key in the span; its weight is 0 too)
+            acc = acc.to(cdt) * w_a.unsqueeze(-1) + o.to(cdt) * w_b.unsqueeze(-1)
+        if out is None:  # one query span: the kernel's (or the merged) result is the output
+            out, lse = acc.to(ops.q.dtype), acc_lse
+            break
+        out[:, :, q0:q1] = acc
+        lse[:, :, q0:q1] = acc_lse
+    return out.unflatten(1, (kh, g)).transpose(2, 3), lse.unflatten(1, (kh, g)).transpose(2, 3)
+
+
+def statistics(lse: torch.Tensor, unit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row_max, row_sum)`` in the chunked engine's form for a natural-log ``lse``: ``lse``
+    in the units of ``unit`` and 1 (0 and 0 for a row with no key)."""
+    has_key = ~lse.isneginf()
+    row_max = torch.where(has_key, lse * unit, torch.zeros((), dtype=lse.dtype, device=lse.device))
+    return row_max, has_key.to(lse.dtype)
+
+
+def fused_backward(cfg: KernelConfig, mods, ops, out5, row_max, row_sum, d_out5, unit: float):
+    """``dq [Z, K, L, G, D], dk, dv [Z, K, S, D]`` (input dtype) from the global ``out`` and
+    statistics (see ``fused_forward``)."""
+    bop = getattr(torch.ops.aten, _OP_NAME + "_backward")
+    dims = cfg.dims
+    dt = ops.q.dtype
+    cdt = getattr(torch, cfg.compute_dtype)
+    dev = ops.q.device
+    lse_dtype = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+    # A row with no key: lse +inf makes every exp(s - lse) 0 (no NaN, zero gradient).
+    lse = torch.where(row_sum > 0, row_max / unit + row_sum.log(), torch.full_like(row_max, float("inf")))
+    lse = _heads(lse.unsqueeze(-1))[..., 0].to(lse_dtype).contiguous()
+    q, out, d_out = _heads(ops.q), _heads(out5.to(dt)), _heads(d_out5.to(dt))
+    plan = span_plan(cfg, ops)
+    spans = plan.spans
+    mask_dtype = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+    dq = torch.zeros(q.shape, dtype=cdt, device=dev)
+    dk = torch.zeros(ops.k.shape, dtype=cdt, device=dev)
+    dv = torch.zeros(ops.v.shape, dtype=cdt, device=dev)
+    for span in spans:
+        q0, q1, k0, k1, kind = span
+        add, _ = _span_mask(cfg, mods, ops, span, mask_dtype)
+        gq, gk, gv = bop(
+            d_out[:, :, q0:q1], q[:, :, q0:q1], ops.k[:, :, k0:k1], ops.v[:, :, k0:k1],
+            out[:, :, q0:q1], lse[:, :, q0:q1], 0.0, kind == DIAGONAL, attn_mask=add, scale=cfg.scale,
+        )  # fmt: skip
+        dq[:, :, q0:q1] += gq
+        dk[:, :, k0:k1] += gk
+        dv[:, :, k0:k1] += gv
+    dq5 = dq.unflatten(1, (dims.kv_heads, dims.groups)).transpose(2, 3)
+    return dq5.to(dt), dk.to(dt), dv.to(dt)
