@@ -39,7 +39,7 @@ from typing import NamedTuple
 from ._masks import FULL, PARTIAL, StructuredMask
 from ._spec import AttentionInputError
 
-__all__ = ["DIAGONAL", "ENGINES", "Span", "SpanPlan", "check_engine", "fused_refusal"]
+__all__ = ["DIAGONAL", "ENGINES", "Span", "SpanPlan", "check_engine", "fused_refusal", "fused_slower"]
 
 ENGINES = ("auto", "chunked", "fused")
 DIAGONAL = 3
@@ -93,6 +93,37 @@ def fused_refusal(
         return "score_mod or a seed callback (per-element user work)"
     if dense_mask_fill == "min":
         return "a dense mask with the seed's finfo.min rule (mask_fill='min')"
+    return None
+
+
+# A window narrower than this runs faster on the chunked engine (its tiles follow the band; a
+# span computes a whole span_q x (span_q + band) rectangle): measured at n = 16384, 8 heads,
+# window (256, 0), forward: chunked 199 ms, fused 361 ms. Lengths and segment ids likewise (n =
+# 4096, 8 documents: chunked 46 ms, fused 278 ms; keys < 3000: 257 vs 282 ms): benchmarks/engines.
+FUSED_MIN_BAND = 2048
+
+
+def fused_slower(mask: StructuredMask) -> str | None:
+    """Why ``engine="auto"`` keeps a call that the fused engine could run on the chunked engine
+    because it measured faster there (None: fused is the faster one).
+
+    >>> fused_slower(StructuredMask(8192, 8192, window=(256, 0)))
+    'a local window of 257 keys (narrower than 2048: the chunked engine measured faster)'
+    >>> fused_slower(StructuredMask(8192, 8192, causal=True)) is None
+    True
+    """
+    if mask.dynamic:
+        return (
+            "lengths, segment ids or a mask_mod (the chunked engine skips the blocks they empty at "
+            "run time: measured faster)"
+        )
+    if mask.window is not None:
+        band = max(0, mask.window[0]) + max(0, mask.window[1]) + 1
+        if band < FUSED_MIN_BAND:
+            return (
+                f"a local window of {band} keys (narrower than {FUSED_MIN_BAND}: the chunked "
+                "engine measured faster)"
+            )
     return None
 
 

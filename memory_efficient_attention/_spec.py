@@ -61,6 +61,25 @@ class AttentionInputError(ValueError):
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
+# The score pipeline, in the order every engine applies it to ``scale * q.k`` (the chunked
+# engines step by step per chunk; the fused engine takes only calls whose pipeline is the scores
+# plus an additive mask, see ``_spans.fused_refusal``).
+SCORE_PIPELINE = (
+    "soft cap: cap * tanh(s / cap)",
+    "bias: s + bias (or the seed's bias_calc_fn)",
+    "dense mask: masked scores become mask_fill_value (or the seed's mask_calc_fn)",
+    "seed weights_calc_fn",
+    "score_mod(s, b, h, q_idx, kv_idx)",
+    "structured masks and mask_mod: excluded keys become -inf",
+)
+
+
+def mask_fill_value(mask_fill: str, finfo_min: float) -> float:
+    """The score a dense mask gives a masked pair: ``finfo_min`` of the compute dtype under the
+    seed's rule ``"min"`` (the key stays in the softmax with weight 0 unless its whole row is
+    masked), ``-inf`` under ``"exclude"`` (the drop-ins' rule: the key is removed)."""
+    return finfo_min if mask_fill == "min" else -math.inf
+
 
 def compute_dtype_name(dtype_name: str) -> str:
     """The dtype scores and accumulators are kept in for inputs of ``dtype_name``."""

@@ -246,6 +246,21 @@ _SHAPE_CASES = [
     Case("default_chunks", L=70, S=61, H=2, K=2, q_chunk=None, k_chunk=None, tags=("also_float32",)),
     Case("chunk_gt_len", L=9, S=11, q_chunk=128, k_chunk=64, bias_shape=(9, 11)),
     Case("scale", L=13, S=17, scale=0.7, bias_shape=(2, 1, 1, 17)),
+    # few query rows per key/value head (JAX runs them as block-diagonal GEMMs)
+    Case("decoding", L=1, S=53, H=8, K=2, k_chunk=16, bias_shape=(2, 8, 1, 53), tags=("also_float32",)),
+    Case(
+        "decoding_causal",
+        L=3,
+        S=41,
+        H=4,
+        K=4,
+        D=8,
+        E=6,
+        q_chunk=None,
+        k_chunk=8,
+        is_causal=True,
+        causal_alignment="bottom_right",
+    ),
 ]
 
 # The same structures in the low-precision dtypes (inputs rounded first).

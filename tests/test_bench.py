@@ -288,3 +288,25 @@ def test_cli_without_seed_prints_its_note_once(tmp_path):
     seed_rows = [i for i, line in enumerate(lines) if "seed-torch" in line]
     assert len(hint) == 1 and len(seed_rows) == 6 and max(seed_rows) < hint[0], proc.stdout
     assert (tmp_path / "out" / "bench.txt").read_text().count("memory-efficient-attention==0.1.3") == 1
+
+
+@pytest.mark.parametrize("engine", ["auto", "chunked", "fused"])
+def test_engine_option_is_passed_and_recorded_per_row(tmp_path, engine):
+    pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    command = [
+        sys.executable, "-m", "memory_efficient_attention", "bench", "--lengths", "64",
+        "--repeats", "1", "--impls", "ours-torch,ours-jax", "--modes", "forward", "--device", "cpu",
+        "--out", str(tmp_path), "--no-progress", "--no-memory", "--engine", engine,
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "bench.json").read_text())
+    rows = {r["impl"]: r for r in data["results"]}
+    want = "chunked (not fused: engine='chunked' was asked for)" if engine == "chunked" else "fused"
+    assert rows["ours-torch"]["time"]["engine"] == want
+    if engine == "fused":
+        assert rows["ours-jax"]["status"] == "skipped" and "no fused engine" in rows["ours-jax"]["reason"]
+    else:
+        assert rows["ours-jax"]["time"]["engine"] == "chunked"
+    assert f"engine: {want}" in proc.stdout

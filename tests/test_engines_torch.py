@@ -32,11 +32,11 @@ def fused_eligible(case) -> bool:
     return plain and case.mask_shape is None and case.E == case.D
 
 
-def _explained(case, x) -> str:
+def _explained(case, x, **extra) -> str:
     q, k, v = (tensor(x[n], case.dtype) for n in ("query", "key", "value"))
     mask = None if x["mask"] is None else torch.as_tensor(x["mask"])
     bias = tensor(x["bias"], case.dtype)
-    return explain(q, k, v, mask, bias, **chunk_kwargs(case), **torch_kwargs(x["kwargs"]))
+    return explain(q, k, v, mask, bias, **chunk_kwargs(case), **torch_kwargs(x["kwargs"]), **extra)
 
 
 # ------------------------------------------------------------------------------------------
@@ -52,7 +52,7 @@ def _explained(case, x) -> str:
 def test_grid_on_each_engine(case, engine):
     x, ref_out, _, ref_grads = reference_for(case)
     if engine == "fused":
-        assert _explained(case, x).startswith("engine: fused")
+        assert _explained(case, x, engine="fused").startswith("engine: fused")
     out, grads = run_case(case, x, engine=engine)
     assert_close(out, ref_out, case.dtype, "output")
     for name, ref in ref_grads.items():
@@ -65,7 +65,12 @@ def test_grid_on_each_engine(case, engine):
 def test_auto_picks_fused_for_plain_and_structured_calls_and_chunked_otherwise():
     q = torch.randn(2, 50, 4, 16)
     assert explain(q, q, q).startswith("engine: fused")
-    assert explain(q, q, q, is_causal=True, local_window_size=5).startswith("engine: fused")
+    assert explain(q, q, q, is_causal=True, local_window_size=(2048, 0)).startswith("engine: fused")
+    docs = torch.arange(50).repeat(2, 1) // 10
+    packed = explain(q, q, q, query_segment_ids=docs, key_segment_ids=docs)
+    assert packed.startswith("engine: chunked") and "segment ids" in packed
+    narrow = explain(q, q, q, is_causal=True, local_window_size=5)
+    assert narrow.startswith("engine: chunked") and "local window of 11 keys" in narrow
     for kwargs, words in [
         (dict(logits_soft_cap=20.0), "soft cap"),
         (dict(score_mod=lambda s, b, h, i, j: s), "score_mod"),
@@ -169,7 +174,7 @@ def test_many_spans_merged_by_lse(monkeypatch, kwargs, shape):
     for name in ("query_seq_lengths", "key_value_seq_lengths"):
         if name in kwargs:
             kwargs[name] = torch.tensor([min(x, L if name[0] == "q" else S) for x in kwargs[name]])
-    text = explain(q, k, v, **kwargs)
+    text = explain(q, k, v, engine="fused", **kwargs)
     assert text.startswith("engine: fused") and "calls" in text
     ref_kwargs = {n: (x.numpy() if torch.is_tensor(x) else x) for n, x in kwargs.items()}
     _check_against_reference(q, k, v, ref_kwargs=ref_kwargs, engine="fused", **kwargs)
@@ -334,3 +339,29 @@ def test_span_plan_covers_each_kept_pair_once(seed):
     for span in plan.spans:
         if span.kind == FULL:
             assert keep[span.q0 : span.q1, span.k0 : span.k1].all()
+
+
+def test_jax_takes_the_engine_keyword_and_has_no_fused_engine_yet():
+    jnp = pytest.importorskip("jax.numpy")
+    from memory_efficient_attention.jax import efficient_dot_product_attention as jax_attention
+
+    q = jnp.ones((1, 6, 2, 4))
+    a = jax_attention(q, q, q, engine="auto")
+    b = jax_attention(q, q, q, engine="chunked")
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(AttentionInputError, match="JAX has no fused engine yet"):
+        jax_attention(q, q, q, engine="fused")
+    with pytest.raises(AttentionInputError, match="engine must be one of"):
+        jax_attention(q, q, q, engine="pallas")
+
+
+def test_decoding_picks_the_engine_by_the_key_layout():
+    q = torch.randn(1, 1, 8, 16)
+    seed_layout = torch.randn(1, 500, 8, 16)  # [B, S, K, D]: each head's keys strided
+    assert "strided per head" in explain(q, seed_layout, seed_layout)
+    from memory_efficient_attention.torch import scaled_dot_product_attention  # noqa: F401
+
+    heads_first = torch.randn(1, 8, 500, 16).transpose(1, 2)  # a heads-first cache, seen [B, S, K, D]
+    assert explain(q, heads_first, heads_first).startswith("engine: fused")
+    gqa = torch.randn(1, 500, 1, 16)
+    assert explain(q, gqa, gqa).startswith("engine: fused")

@@ -5,8 +5,9 @@ given the same mask (as ``is_causal`` or a boolean ``attn_mask``) in interleaved
 float32, batch 1, 8 heads, depth 64. ``--busy`` runs one busy process (``while True: pass``) on
 the other core for the whole run. ``--rows`` picks rows by name prefix.
 
-Usage: ``python benchmarks/engines/run.py [--repeats 5] [--busy] [--rows plain,causal,...]``;
-writes ``results[-busy].json`` beside this file.
+Usage: ``python benchmarks/engines/run.py [--repeats 5] [--busy] [--rows plain,causal,...]
+[--no-chunked] [--out NAME.json]``; writes ``results[-busy].json`` (or ``NAME.json``) beside this
+file.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ def _rows(torch):
         return {"attn_mask": (j <= i) & (j >= i - left)}
 
     both = ("forward", "forward+backward")
+    docs = torch.arange(4096).view(1, -1) // 512  # 8 packed documents of 512
+
+    def segments(L, S):
+        return {"attn_mask": docs[0].view(-1, 1) == docs[0].view(1, -1)}
+
+    def kv_length(L, S):
+        return {"attn_mask": (torch.arange(S) < 3000).view(1, -1).expand(L, S)}
+
     return {
         "plain 4096": (4096, 4096, 8, {}, lambda L, S: {}, both),
         "causal 4096": (4096, 4096, 8, {"is_causal": True}, lambda L, S: {"is_causal": True}, both),
@@ -42,6 +51,12 @@ def _rows(torch):
         ),
         "window (256, 0) 16384": (
             16384, 16384, 8, {"local_window_size": (256, 0)}, lambda L, S: window(L, S, 256), both,
+        ),
+        "segments 4096 (8 documents)": (
+            4096, 4096, 8, {"query_segment_ids": docs, "key_segment_ids": docs}, segments, both,
+        ),
+        "lengths 4096 (keys < 3000)": (
+            4096, 4096, 8, {"key_value_seq_lengths": torch.tensor([3000])}, kv_length, both,
         ),
         "decoding 1 x 65536": (1, 65536, 8, {}, lambda L, S: {}, ("forward",)),
         "decoding 1 x 65536 GQA 8:1": (1, 65536, 1, {}, lambda L, S: {"enable_gqa": True}, ("forward",)),
@@ -54,6 +69,7 @@ def main() -> None:
     parser.add_argument("--busy", action="store_true")
     parser.add_argument("--rows", default="")
     parser.add_argument("--no-chunked", action="store_true", help="skip engine='chunked'")
+    parser.add_argument("--out", default="", help="JSON file name (default results[-busy].json)")
     args = parser.parse_args()
     import torch
     import torch.nn.functional as F
@@ -116,7 +132,8 @@ def main() -> None:
         "load_average_before": os.getloadavg(),
         "results": results,
     }
-    out = os.path.join(os.path.dirname(__file__), f"results{'-busy' if args.busy else ''}.json")
+    name = args.out or f"results{'-busy' if args.busy else ''}.json"
+    out = os.path.join(os.path.dirname(__file__), name)
     with open(out, "w") as f:
         json.dump(record, f, indent=2)
 

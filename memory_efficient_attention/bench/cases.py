@@ -75,6 +75,7 @@ class Shape:
     depth: int = 64
     dtype: str = "float32"
     causal: bool = False
+    engine: str = "auto"  # ours' engine= ("auto", "chunked", "fused"; JAX: no "fused")
 
     @property
     def itemsize(self) -> int:
@@ -130,6 +131,8 @@ def skip_reason(
 ) -> str | None:
     """Why ``case`` is not run (a short sentence for the table), or None to run it."""
     impl = IMPLS[case.impl]
+    if case.impl == "ours-jax" and case.shape.engine == "fused":
+        return "not supported: JAX has no fused engine (--engine fused is for ours-torch)"
     if impl.seed:
         if not seed_available:
             return "not available: seed 0.1.3 not installed" + (f"; {install_hint}" if install_hint else "")

@@ -95,6 +95,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=DTYPES, default="float32", help="dtype of q, k and v (default float32)"
     )
     shape.add_argument("--causal", action="store_true", help="causal (top-left) attention")
+    shape.add_argument(
+        "--engine",
+        choices=("auto", "chunked", "fused"),
+        default="auto",
+        help="ours' engine (default auto; each row's note says which ran; JAX has only chunked)",
+    )
     what = parser.add_argument_group("what to run")
     what.add_argument(
         "--frameworks",
@@ -226,6 +232,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         depth=args.depth,
         dtype=args.dtype,
         causal=args.causal,
+        engine=args.engine,
         repeats=repeats,
         device=args.device or _default_device(),
         threads=args.threads,
@@ -293,8 +300,9 @@ def run_bench(args: argparse.Namespace) -> int:
     machine.update(worker_info)
     machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     name = "paper" if args.paper else "bench"
+    engine = "" if config.engine == "auto" else f", engine={config.engine}"
     title = (f"B={config.batch} H={config.heads} D={config.depth} {config.dtype}"
-             f"{' causal' if config.causal else ''} on {config.device}")  # fmt: skip
+             f"{' causal' if config.causal else ''}{engine} on {config.device}")  # fmt: skip
     text = report.format_table(records, title)
     payload: dict[str, Any] = {"machine": machine, "config": vars(config), "results": records}
     if args.paper:

@@ -25,7 +25,8 @@ def _function(name: str, shape: Shape, seed):
     if name == "ours-jax":
         from memory_efficient_attention.jax import efficient_dot_product_attention
 
-        return partial(efficient_dot_product_attention, is_causal=shape.causal)
+        engine = "chunked" if shape.engine == "chunked" else "auto"
+        return partial(efficient_dot_product_attention, is_causal=shape.causal, engine=engine)
     if name == "xla":
         return partial(jax.nn.dot_product_attention, is_causal=shape.causal, implementation="xla")
     if name == "seed-jax":
@@ -79,6 +80,8 @@ def build_jax(
     def nbytes(outputs: Any) -> int:
         return sum(x.nbytes for x in leaves(outputs))
 
+    if name == "ours-jax":
+        info["engine"] = "chunked"  # JAX's only engine
     runner = Runner(call=call, to_numpy=to_numpy, nbytes=nbytes, info=info)
     if dev.memory_stats() is not None:
         state = {"base": 0}

@@ -104,6 +104,12 @@ def measure_memory(runner: Runner) -> dict[str, Any]:
     }
 
 
+# A pause before each timed call. XLA's CPU worker threads keep spinning for a while after a call;
+# a torch call right behind a JAX one then shares its cores with them (measured at n = 4096,
+# forward: ours-torch 1.27-1.36x SDPA when it followed xla in every round, 1.06x with torch alone).
+_SETTLE_S = 0.2
+
+
 def time_round_robin(
     runners: dict[str, Runner], repeats: int, *, on_round: Callable[[], None] | None = None
 ) -> dict[str, list[float]]:
@@ -113,6 +119,7 @@ def time_round_robin(
     for round_index in range(repeats):
         shift = round_index % len(names) if names else 0
         for name in names[shift:] + names[:shift]:
+            time.sleep(_SETTLE_S)  # untimed: let the previous call's worker threads park
             start = time.perf_counter()
             runners[name].call()
             times[name].append(time.perf_counter() - start)

@@ -101,7 +101,9 @@ def _note(record: dict[str, Any]) -> str:
     errors = {part: (record.get(part) or {}).get("error") for part in ("time", "memory")}
     if errors["time"] and errors["time"] == errors["memory"]:
         return errors["time"]
-    return "; ".join(f"{part}: {error}" for part, error in errors.items() if error)
+    parts = [f"{part}: {error}" for part, error in errors.items() if error]
+    engine = (record.get("time") or {}).get("engine")
+    return "; ".join(([f"engine: {engine}"] if engine else []) + parts)
 
 
 def _spread(timing: dict[str, Any]) -> str:

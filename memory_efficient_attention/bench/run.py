@@ -44,6 +44,7 @@ class BenchConfig:
     depth: int = 64
     dtype: str = "float32"
     causal: bool = False
+    engine: str = "auto"
     repeats: int = 5
     device: str = "cpu"
     threads: int | None = None
@@ -56,7 +57,7 @@ class BenchConfig:
     measure_memory: bool = True
 
     def shape(self, n: int) -> Shape:
-        return Shape(n, self.batch, self.heads, self.depth, self.dtype, self.causal)
+        return Shape(n, self.batch, self.heads, self.depth, self.dtype, self.causal, self.engine)
 
 
 def seed_install_command(seed_dir: str) -> list[str]:

@@ -36,7 +36,8 @@ def _function(name: str, shape: Shape, seed: ModuleType | None):
     if name == "ours-torch":
         from memory_efficient_attention.torch import efficient_dot_product_attention
 
-        return lambda q, k, v: efficient_dot_product_attention(q, k, v, is_causal=causal)
+        engine = shape.engine
+        return lambda q, k, v: efficient_dot_product_attention(q, k, v, is_causal=causal, engine=engine)
     if name == "sdpa":
         sdpa = torch.nn.functional.scaled_dot_product_attention
         return lambda q, k, v: sdpa(q, k, v, is_causal=causal)
@@ -94,6 +95,11 @@ def build_torch(
         return sum(t.numel() * t.element_size() for t in tensors)
 
     runner = Runner(call=call, to_numpy=to_numpy, nbytes=nbytes)
+    if name == "ours-torch":  # which engine runs: "fused" or "chunked (not fused: ...)"
+        from memory_efficient_attention.torch import explain
+
+        line = explain(q, k, v, is_causal=shape.causal, engine=shape.engine).splitlines()[0]
+        runner.info["engine"] = line.removeprefix("engine: ").split(" (torch")[0]
     if dev.type == "cuda":
         runner.allocator_reset = lambda: torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)

@@ -18,6 +18,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from .._config import CallArrays, CallOptions, make_config
+from .._spans import check_engine
 from .._spec import (
     AttentionInputError,
     Dims,
@@ -256,6 +257,7 @@ def efficient_dot_product_attention(
     return_lse: bool = False,
     memory_budget: int | str | None = None,
     autodiff: str = "vjp",
+    engine: str = "auto",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Exact attention in O(n) memory, forward and backward (seed-compatible signature).
 
@@ -298,6 +300,9 @@ def efficient_dot_product_attention(
         ``"native"`` lets JAX differentiate the chunked loops itself: forward mode then runs
         chunk by chunk in O(n) memory, and every mode and order works, but reverse mode in this
         setting stores each chunk's probabilities (memory like dense attention).
+      engine: ``"auto"`` (default) or ``"chunked"``: both run the chunked engine, JAX's only
+        one so far; ``"fused"`` raises (the same keyword as the PyTorch function, where it
+        selects torch's fused CPU kernel).
 
     ``scale`` may be a number, a numpy scalar or a 0-d JAX array, traced too (under ``jit``,
     with a gradient): an array scale multiplies the query before the kernel.
@@ -325,6 +330,11 @@ def efficient_dot_product_attention(
     """
     kwargs = dict(locals())  # every argument (nothing else is defined yet)
     query, key, value = _check_qkv(query, key, value)
+    if check_engine(engine) == "fused":
+        raise AttentionInputError(
+            "engine='fused': JAX has no fused engine yet (the PyTorch functions run torch's fused "
+            "CPU kernel); pass engine='auto' or 'chunked' (both run the chunked engine in JAX)"
+        )
     from ..masks import merge_mask_kwargs  # a mask object (masks.Causal, ...) -> the keywords
 
     mask, kwargs = merge_mask_kwargs(mask, kwargs, query.shape, key.shape)
@@ -340,7 +350,7 @@ def _efficient_dot_product_attention(
     mask_calc_fn, weights_calc_fn, calc_fn_data, scale, is_causal, causal_alignment,
     local_window_size, query_seq_lengths, key_value_seq_lengths, query_segment_ids,
     key_segment_ids, score_mod, mask_mod, logits_soft_cap, dropout_rate, dropout_rng, return_lse,
-    memory_budget, autodiff,
+    memory_budget, autodiff, engine,
 ):  # fmt: skip
     """The body of ``efficient_dot_product_attention`` (compiled once per static configuration
     when called eagerly, see ``_dispatch``)."""
@@ -354,7 +364,7 @@ def _efficient_dot_product_attention(
         scale=scale, query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size,
         memory_budget=memory_budget, is_causal=is_causal, causal_alignment=causal_alignment,
         local_window_size=local_window_size, mask_fill="min", logits_soft_cap=logits_soft_cap,
-        dropout_rate=dropout_rate,
+        dropout_rate=dropout_rate, engine=engine,
     )  # fmt: skip
     arrays = CallArrays(
         mask=mask, bias=bias, query_seq_lengths=query_seq_lengths,

@@ -189,9 +189,7 @@ def fused_backward(cfg: KernelConfig, mods, ops, out5, row_max, row_sum, d_out5,
     plan = span_plan(cfg, ops)
     spans = plan.spans
     mask_dtype = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
-    dq = torch.zeros(q.shape, dtype=cdt, device=dev)
-    dk = torch.zeros(ops.k.shape, dtype=cdt, device=dev)
-    dv = torch.zeros(ops.v.shape, dtype=cdt, device=dev)
+    dq = dk = dv = None
     for span in spans:
         q0, q1, k0, k1, kind = span
         add, _ = _span_mask(cfg, mods, ops, span, mask_dtype)
@@ -199,8 +197,17 @@ def fused_backward(cfg: KernelConfig, mods, ops, out5, row_max, row_sum, d_out5,
             d_out[:, :, q0:q1], q[:, :, q0:q1], ops.k[:, :, k0:k1], ops.v[:, :, k0:k1],
             out[:, :, q0:q1], lse[:, :, q0:q1], 0.0, kind == DIAGONAL, attn_mask=add, scale=cfg.scale,
         )  # fmt: skip
+        if len(spans) == 1 and (q0, q1, k0, k1) == (0, dims.q_len, 0, dims.kv_len):
+            dq, dk, dv = gq, gk, gv  # one span covers the call: its gradients are the gradients
+            break
+        if dq is None:  # sums over the spans, in the compute dtype
+            dq = torch.zeros(q.shape, dtype=cdt, device=dev)
+            dk = torch.zeros(ops.k.shape, dtype=cdt, device=dev)
+            dv = torch.zeros(ops.v.shape, dtype=cdt, device=dev)
         dq[:, :, q0:q1] += gq
         dk[:, :, k0:k1] += gk
         dv[:, :, k0:k1] += gv
+    if dq is None:  # no span: no query sees a key
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(ops.k), torch.zeros_like(ops.v)
     dq5 = dq.unflatten(1, (dims.kv_heads, dims.groups)).transpose(2, 3)
     return dq5.to(dt), dk.to(dt), dv.to(dt)

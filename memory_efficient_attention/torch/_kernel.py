@@ -25,7 +25,7 @@ import torch
 
 from .._config import KernelConfig, chunk_keep
 from .._masks import EMPTY, PARTIAL, Tile
-from .._spec import check_callable_result
+from .._spec import check_callable_result, mask_fill_value
 
 _NEG_INF = float("-inf")
 _LOG2E = 1.4426950408889634
@@ -125,15 +125,15 @@ def _index_grids(cfg: KernelConfig, c: Tile, device):
 
 
 # ------------------------------------------------------------------------------------------------
-# The score pipeline of one chunk: scale (fused in the matmul), soft cap, bias, seed callbacks,
-# dense mask, score_mod, structured masks. ``s`` is modified in place and returned, in the units
-# of ``_unit`` (the matmul's alpha includes them).
+# The score pipeline of one chunk, in ``_spec.SCORE_PIPELINE``'s order: scale (fused in the
+# matmul), soft cap, bias, seed callbacks, dense mask, score_mod, structured masks. ``s`` is
+# modified in place and returned, in the units of ``_unit`` (the matmul's alpha includes them).
 # ------------------------------------------------------------------------------------------------
 
 
 def _fill_value(cfg: KernelConfig, dtype) -> float:
-    """A dense mask's value for masked scores (see ``_config.MASK_FILL``)."""
-    return torch.finfo(dtype).min if cfg.mask_fill == "min" else _NEG_INF
+    """A dense mask's value for masked scores (``_spec.mask_fill_value``)."""
+    return mask_fill_value(cfg.mask_fill, torch.finfo(dtype).min)
 
 
 # What score_mod and mask_mod results must broadcast to: the score chunk handed to score_mod.
