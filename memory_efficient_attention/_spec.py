@@ -74,6 +74,31 @@ SCORE_PIPELINE = (
 )
 
 
+def check_sinks(shape: Sequence[int] | None, dtype_name: str | None, dims: Dims) -> None:
+    """Attention sinks (gpt-oss, StreamingLLM): one logit per query head, ``[H]``, that joins
+    every row's softmax and carries no value. With the row's log-sum-exp ``lse`` over its keys,
+    the output becomes ``out * sigmoid(lse - sink)`` and the lse ``logaddexp(lse, sink)`` (a
+    row with no key outputs 0); both frameworks apply exactly this after their kernel, so every
+    engine, mask and derivative takes sinks, the sink's own gradient included.
+
+    >>> check_sinks((4,), "float32", Dims((2,), 5, 5, 4, 2, 8, 8))
+    >>> try:
+    ...     check_sinks((2, 4), "float32", Dims((2,), 5, 5, 4, 2, 8, 8))
+    ... except AttentionInputError as err:
+    ...     print(err)
+    sinks has shape (2, 4), but needs (4) = [H]: one logit per query head
+    """
+    if shape is None:
+        return
+    if tuple(shape) != (dims.q_heads,):
+        raise AttentionInputError(
+            f"sinks has shape {describe(shape)}, but needs {describe((dims.q_heads,))} = [H]: one logit "
+            "per query head"
+        )
+    if dtype_name not in FLOAT_DTYPES:
+        raise AttentionInputError(f"sinks must be floating point, got dtype {dtype_name}")
+
+
 def mask_fill_value(mask_fill: str, finfo_min: float) -> float:
     """The score a dense mask gives a masked pair: ``finfo_min`` of the compute dtype under the
     seed's rule ``"min"`` (the key stays in the softmax with weight 0 unless its whole row is

@@ -114,3 +114,18 @@ def test_float_mask_with_any_nonzero_values_keeps_like_flax():
     ours, ref = _linen_pair()
     params = ref.init(jax.random.key(1), x, mask=mask)
     assert jnp.allclose(ours.apply(params, x, mask=mask), ref.apply(params, x, mask=mask), atol=1e-5)
+
+
+def test_mask_objects_are_planned_as_structured_masks():
+    from memory_efficient_attention.integrations.flax import dot_product_attention
+    from memory_efficient_attention.jax import efficient_dot_product_attention
+    from memory_efficient_attention.masks import Causal, Window
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 20, 4, 8)) for i in range(3))
+    got = dot_product_attention(q, k, v, mask=Window(3, 0))
+    want = efficient_dot_product_attention(q, k, v, local_window_size=(3, 0))
+    assert jnp.allclose(got, want, atol=1e-6)
+    got = dot_product_attention(q, k, v, mask=Window(3, 3), is_causal=True)
+    want = efficient_dot_product_attention(q, k, v, mask=Causal() & Window(3, 3))
+    assert jnp.allclose(got, want, atol=1e-6)
+    assert not jnp.allclose(got, dot_product_attention(q, k, v, mask=Window(3, 3)), atol=1e-3)

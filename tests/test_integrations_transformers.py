@@ -380,3 +380,26 @@ def test_importing_integrations_imports_no_framework():
         "bad = {'torch', 'jax', 'flax', 'transformers'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_gpt_oss_attention_sinks_match_eager():
+    """gpt-oss: sinks (a learnable logit per head), sliding and full layers, GQA; logits and
+    every gradient (the sinks' included) against "eager"."""
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(
+        **{**SMALL, "num_hidden_layers": 2}, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        sliding_window=4, num_local_experts=2, num_experts_per_tok=1,
+        layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+    model = transformers.GptOssForCausalLM(config).eval()
+    with torch.no_grad():  # sinks large enough to take visible mass
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 2.0)
+    ours, ours_g = _logits_and_grads(model, NAME, *_batch())
+    ref, ref_g = _logits_and_grads(model, "eager", *_batch())
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    sinks = [n for n in ref_g if n.endswith("sinks")]
+    assert len(sinks) == 2 and all(ref_g[n].abs().max() > 0 for n in sinks)
+    assert ours_g.keys() == ref_g.keys()
+    for n in ref_g:
+        torch.testing.assert_close(ours_g[n], ref_g[n], atol=1e-4, rtol=1e-3, msg=n)

@@ -67,6 +67,7 @@ def main() -> None:
             times = {c: [] for c in cases}
             for _ in range(repeats):
                 for c, run in cases.items():
+                    time.sleep(0.2)  # untimed: XLA's threads park before a torch call (bench.measure)
                     start = time.perf_counter()
                     run()
                     times[c].append(time.perf_counter() - start)

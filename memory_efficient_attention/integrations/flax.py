@@ -61,7 +61,9 @@ def dot_product_attention(
         ``num_kv_heads`` passes it) is computed without repeating K/V.
       value: ``[B..., S, K, E]``.
       bias: float, broadcastable to ``[B..., H, L, S]``, added to the scores.
-      mask: broadcastable to ``[B..., H, L, S]``; nonzero / True keeps.
+      mask: broadcastable to ``[B..., H, L, S]``; nonzero / True keeps. Or a mask object of
+        ``memory_efficient_attention.masks`` (``Causal() & Window(128)``...), planned as
+        structured masks: their excluded keys leave the softmax (a row with none left outputs 0).
       broadcast_dropout: accepted; dropout is never broadcast (see the module docstring).
       dropout_rng: ``jax.random`` key for dropout.
       dropout_rate: dropout on the attention probabilities when not ``deterministic``.
@@ -102,7 +104,12 @@ def dot_product_attention(
     if dtype is None:
         dtype = jnp.result_type(query, key, value)
     query, key, value = (jnp.asarray(x, dtype) for x in (query, key, value))
-    if mask is not None:
+    from ..masks import Causal, Mask
+
+    if isinstance(mask, Mask):  # a mask object: planned as structured masks (excluded keys)
+        mask = mask & Causal() if is_causal else mask
+        is_causal = False
+    elif mask is not None:
         # Flax's rule: any nonzero entry keeps (make_causal_mask / make_attention_mask return
         # float32 0/1). The kernel takes this bool mask as given (it refuses float masks holding
         # other values than 0/1, which Flax would read as "keep").

@@ -275,7 +275,8 @@ def attention_forward(
       is_causal: overrides ``module.is_causal`` when the mask is None.
       position_bias: float ``[B or 1, H, L, S]`` added to the scores (T5-style); gets a gradient.
       kwargs: ignored (``position_ids``, ...), except ``output_attentions`` (below) and
-        attention sinks (``s_aux``), which are not supported.
+        attention sinks ``s_aux`` (gpt-oss: one logit per head in every row's softmax, with no
+        value; forward and backward, the sinks' gradient included).
 
     Returns:
       ``(out [B, L, H, E], weights)``. ``weights`` is None unless the attention weights were
@@ -285,8 +286,6 @@ def attention_forward(
       ``O(B * H * L * S)`` result, since the caller asked for it). They match ``"eager"``'s on
       every row with a key left; a row with no key left (left padding) is 0, not uniform.
     """
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("attention sinks (s_aux) are not supported by memory-efficient attention")
     kernel.check_qkv(query, key, value)
     dims = heads_first_dims(query.shape, key.shape, value.shape, enable_gqa=True)
     B, L, S = dims.batch_size, dims.q_len, dims.kv_len
@@ -325,6 +324,7 @@ def attention_forward(
         scale=scaling,
         logits_soft_cap=softcap,
         dropout_rate=float(dropout) if training else 0.0,
+        sinks=kwargs.get("s_aux"),
     )
     kernel_args.update(structure)
     out, _ = kernel.attention(q5, k4, v4, dims, **kernel_args)  # [B, K, L, G, E]

@@ -19,6 +19,7 @@ from .._spec import (
     Dims,
     additive_mask_error,
     check_float_dtypes,
+    check_sinks,
     describe,
     heads_first_dims,
     operand_shape,
@@ -92,11 +93,13 @@ def _attention(
     *,
     generator=None,
     operand_names: tuple[str, str] = ("mask", "bias"),
+    sinks: torch.Tensor | None = None,
 ):
     """Validate the rest, build the config and run the kernel on kernel-layout q/k/v.
 
     ``options``: the call's validated static options; ``arrays``: its optional arrays; ``mods``:
-    its callables (``score_mod``, ``mask_mod``, the seed's callbacks)."""
+    its callables (``score_mod``, ``mask_mod``, the seed's callbacks); ``sinks``: ``[H]``
+    attention-sink logits (``_spec.check_sinks``)."""
     arrays = arrays or CallArrays()
     mods = mods or Mods()
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -130,13 +133,27 @@ def _attention(
         None if qseg is None else qseg.reshape(z, dims.q_len),
         None if kvseg is None else kvseg.reshape(z, dims.kv_len),
     )
+    if sinks is not None and not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be a torch.Tensor or None, got {type(sinks).__name__}")
+    check_sinks(
+        None if sinks is None else tuple(sinks.shape), None if sinks is None else _dtype_name(sinks), dims
+    )
     if _PLAN_ONLY.get():
         raise _PlanReady(engines.explain(cfg, mods, ops))
     seed = 0
     if cfg.dropout:
         device = generator.device if generator is not None else q5.device
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
-    return chunked_attention(cfg, mods, seed, ops)
+    out, lse = chunked_attention(cfg, mods, seed, ops)
+    return (out, lse) if sinks is None else _with_sinks(out, lse, sinks, dims)
+
+
+def _with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor, dims: Dims):
+    """``(out * sigmoid(lse - sink), logaddexp(lse, sink))`` on kernel-layout ``out [Z, K, L, G, E]``
+    and ``lse [Z, K, L, G]`` (``_spec.check_sinks``); differentiable in all three."""
+    sink = sinks.to(device=lse.device, dtype=lse.dtype).view(1, dims.kv_heads, 1, dims.groups)
+    keep = torch.sigmoid(lse - sink)
+    return (out.to(lse.dtype) * keep.unsqueeze(-1)).to(out.dtype), torch.logaddexp(lse, sink)
 
 
 class _PlanReady(Exception):
@@ -203,6 +220,7 @@ def efficient_dot_product_attention(
     return_lse: bool = False,
     memory_budget: int | str | None = None,
     engine: str = "auto",
+    sinks: torch.Tensor | None = None,
 ):
     """Exact attention in O(n) memory, forward and backward (seed-compatible signature).
 
@@ -249,6 +267,9 @@ def efficient_dot_product_attention(
         per-element work of ours (no ``score_mod``, callbacks, soft cap, dropout, bias gradient,
         seed-rule dense mask, or value depth != key depth), and the chunked engine otherwise;
         ``"fused"`` raises if it cannot; ``explain(...)`` prints the choice and the plan.
+      sinks: ``[H]`` attention-sink logits (gpt-oss, StreamingLLM): one extra logit per head in
+        every row's softmax that takes probability mass but has no value; differentiable. With
+        ``return_lse`` the lse includes the sink.
 
     Structured masks exclude keys: a query row with no key left outputs 0 with zero gradient.
 
@@ -309,6 +330,7 @@ def efficient_dot_product_attention(
             calc_fn_data=calc_fn_data,
         ),
         generator=generator,
+        sinks=sinks,
     )
     out = out.permute(0, 2, 1, 3, 4).reshape(*dims.batch, dims.q_len, dims.q_heads, dims.v_depth)
     if not return_lse:
