@@ -60,9 +60,8 @@ def _window(window_size, causal: bool) -> tuple[int, int] | None:
     return (big if left < 0 else left, big if right < 0 else right)
 
 
-def _alibi(alibi_slopes, heads: int, batch: int, offset):
-    """A ``score_mod`` adding ``-slope * |i + offset - j|`` (``offset``: an int, or a per-position
-    tensor for varlen), or None."""
+def _slopes(alibi_slopes, heads: int, batch: int) -> torch.Tensor | None:
+    """``alibi_slopes`` checked: ``[H]`` or ``[B, H]`` (flash-attn's shapes), or None."""
     if alibi_slopes is None:
         return None
     slopes = torch.as_tensor(alibi_slopes).detach()
@@ -70,11 +69,18 @@ def _alibi(alibi_slopes, heads: int, batch: int, offset):
         raise AttentionInputError(
             f"alibi_slopes has shape {describe(slopes.shape)}, but needs ({heads}) or ({batch}, {heads})"
         )
+    return slopes
+
+
+def _alibi(slopes, batch_of, distance):
+    """A ``score_mod`` adding ``-slope * |distance(q_idx, kv_idx)|`` (``batch_of(b, q_idx)``: the
+    row of ``[B, H]`` slopes), or None."""
+    if slopes is None:
+        return None
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        slope = slopes[h] if slopes.dim() == 1 else slopes[b, h]
-        shift = offset if isinstance(offset, int) else offset[q_idx]
-        return score - slope.to(score.dtype) * (q_idx + shift - kv_idx).abs().to(score.dtype)
+        slope = slopes[h] if slopes.dim() == 1 else slopes[batch_of(b, q_idx), h]
+        return score - slope.to(score.dtype) * distance(q_idx, kv_idx).abs().to(score.dtype)
 
     return score_mod
 
@@ -113,7 +119,9 @@ def flash_attn_func(
     out = efficient_dot_product_attention(
         q, k, v, scale=softmax_scale, is_causal=bool(causal), causal_alignment="bottom_right",
         local_window_size=window, logits_soft_cap=float(softcap) or None,
-        score_mod=_alibi(alibi_slopes, q.shape[2], q.shape[0], S - L),
+        score_mod=_alibi(
+            _slopes(alibi_slopes, q.shape[2], q.shape[0]), lambda b, i: b, lambda i, j: i + (S - L) - j
+        ),
         dropout_rate=float(dropout_p), return_lse=return_attn_probs,
     )  # fmt: skip
     if not return_attn_probs:
@@ -212,20 +220,11 @@ def flash_attn_varlen_func(
             diag = q_pos[q_idx] + shift[q_idx]
             return (k_pos[kv_idx] <= diag + right) & (k_pos[kv_idx] >= diag - left)
 
-    score_mod = None
-    if alibi_slopes is not None:
-        slopes = torch.as_tensor(alibi_slopes).detach()
-        if slopes.shape not in ((q.shape[1],), (len(q_lens), q.shape[1])):
-            raise AttentionInputError(
-                f"alibi_slopes has shape {describe(slopes.shape)}, but needs ({q.shape[1]}) or "
-                f"({len(q_lens)}, {q.shape[1]})"
-            )
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            slope = slopes[h] if slopes.dim() == 1 else slopes[q_seq[q_idx], h]
-            dist = (q_pos[q_idx] + shift[q_idx] - k_pos[kv_idx]).abs()
-            return score - slope.to(score.dtype) * dist.to(score.dtype)
-
+    score_mod = _alibi(
+        _slopes(alibi_slopes, q.shape[1], len(q_lens)),
+        lambda b, i: q_seq[i],
+        lambda i, j: q_pos[i] + shift[i] - k_pos[j],
+    )
     out = efficient_dot_product_attention(
         q[None], k[None], v[None], scale=softmax_scale, query_segment_ids=q_seq[None],
         key_segment_ids=k_seq[None], mask_mod=mask_mod, score_mod=score_mod,
