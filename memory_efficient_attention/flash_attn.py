@@ -11,7 +11,8 @@ bottom-right corner (the last query sees the last key), ``softcap``, ``alibi_slo
 gradients (q, k, v) through this package's kernel, in O(n) memory. Differences: ``deterministic``
 is accepted and always true; with ``return_attn_probs`` the third result (flash-attn's dropout
 pattern ``S_dmask``, for testing) is None; the lse is ``[B, H, L]`` in float32 (float64 for float64
-inputs), ``-inf`` for a row with no key. Not here yet: ``flash_attn_with_kvcache``.
+inputs), ``-inf`` for a row with no key. ``flash_attn_with_kvcache`` takes contiguous and paged
+caches (``block_table``); ``cache_leftpad`` is not supported yet, ``num_splits`` is ignored.
 
 Shape legend: ``B`` batch, ``L``/``S`` query/key lengths, ``H``/``K`` query/key-value heads,
 ``D`` depth; varlen: ``T`` total tokens, ``cu_seqlens`` ``[B + 1]`` int32 offsets.
@@ -43,6 +44,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
 ]
 
 
@@ -73,14 +75,14 @@ def _slopes(alibi_slopes, heads: int, batch: int) -> torch.Tensor | None:
 
 
 def _alibi(slopes, batch_of, distance):
-    """A ``score_mod`` adding ``-slope * |distance(q_idx, kv_idx)|`` (``batch_of(b, q_idx)``: the
-    row of ``[B, H]`` slopes), or None."""
+    """A ``score_mod`` adding ``-slope * |distance(b, q_idx, kv_idx)|`` (``batch_of(b, q_idx)``:
+    the row of ``[B, H]`` slopes), or None."""
     if slopes is None:
         return None
 
     def score_mod(score, b, h, q_idx, kv_idx):
         slope = slopes[h] if slopes.dim() == 1 else slopes[batch_of(b, q_idx), h]
-        return score - slope.to(score.dtype) * distance(q_idx, kv_idx).abs().to(score.dtype)
+        return score - slope.to(score.dtype) * distance(b, q_idx, kv_idx).abs().to(score.dtype)
 
     return score_mod
 
@@ -120,7 +122,7 @@ def flash_attn_func(
         q, k, v, scale=softmax_scale, is_causal=bool(causal), causal_alignment="bottom_right",
         local_window_size=window, logits_soft_cap=float(softcap) or None,
         score_mod=_alibi(
-            _slopes(alibi_slopes, q.shape[2], q.shape[0]), lambda b, i: b, lambda i, j: i + (S - L) - j
+            _slopes(alibi_slopes, q.shape[2], q.shape[0]), lambda b, i: b, lambda b, i, j: i + (S - L) - j
         ),
         dropout_rate=float(dropout_p), return_lse=return_attn_probs,
     )  # fmt: skip
@@ -223,7 +225,7 @@ def flash_attn_varlen_func(
     score_mod = _alibi(
         _slopes(alibi_slopes, q.shape[1], len(q_lens)),
         lambda b, i: q_seq[i],
-        lambda i, j: q_pos[i] + shift[i] - k_pos[j],
+        lambda b, i, j: q_pos[i] + shift[i] - k_pos[j],
     )
     out = efficient_dot_product_attention(
         q[None], k[None], v[None], scale=softmax_scale, query_segment_ids=q_seq[None],
@@ -261,3 +263,119 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   dropout_p, softmax_scale, causal, window_size, softcap,
                                   alibi_slopes, deterministic, return_attn_probs)  # fmt: skip
+
+
+def _rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, interleaved: bool
+):
+    """flash-attn's rotary embedding of ``x [B, L, H, D]`` at ``positions [B, L]``: the first
+    ``2 * cos.shape[1]`` dims rotate, in halves (GPT-NeoX) or in interleaved pairs (GPT-J)."""
+    half = cos.shape[-1]
+    c = cos[positions].unsqueeze(2).to(x.dtype)  # [B, L, 1, half]
+    s = sin[positions].unsqueeze(2).to(x.dtype)
+    rot = x[..., : 2 * half]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        out = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+    return torch.cat([out, x[..., 2 * half :]], dim=-1)
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    cache_seqlens: int | torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+):
+    """``flash_attn.flash_attn_with_kvcache``: q ``[B, L, H, D]`` against a KV cache, after
+    appending the new ``k``/``v`` ``[B, L_new, K, D]`` in place at ``cache_seqlens``.
+
+    The cache is ``[B_cache, S, K, D]`` (rows ``cache_batch_idx``, default the first ``B``) or
+    paged: ``[num_pages, page, K, D]`` with ``block_table [B, pages per sequence]``; a paged
+    sequence is gathered page by page (memory O(its pages), never the whole cache). Each batch
+    row ``b`` attends to its first ``cache_seqlens[b] (+ L_new)`` keys, causal/window aligned to
+    that length's bottom-right corner. ``rotary_cos``/``rotary_sin`` ``[positions, R / 2]``
+    rotate the new keys at their positions and q at ``cache_seqlens + i`` (causal or windowed) or
+    at ``cache_seqlens`` (otherwise), as flash-attn does. Returns ``out`` (and the lse
+    ``[B, H, L]`` with ``return_softmax_lse``).
+    """
+    if cache_leftpad is not None:
+        raise NotImplementedError("cache_leftpad is not supported yet")
+    _check_scalars(0.0, softcap)
+    if q.dim() != 4:
+        raise AttentionInputError(f"q must be a 4-d tensor [B, L, H, D], got shape {describe(q.shape)}")
+    B, L = q.shape[:2]
+    dev = q.device
+    if block_table is not None:
+        page = k_cache.shape[1]
+        S = block_table.shape[1] * page
+    else:
+        S = k_cache.shape[1]
+    if cache_seqlens is None:
+        seqlens = torch.full((B,), S if k is None else 0, dtype=torch.long, device=dev)
+    else:
+        seqlens = torch.as_tensor(cache_seqlens, device=dev).long().expand(B)
+    rows = torch.arange(B, device=dev) if cache_batch_idx is None else cache_batch_idx.long()
+    new = 0 if k is None else k.shape[1]
+    if (k is None) != (v is None):
+        raise AttentionInputError("k and v go together: pass both new keys and values, or neither")
+    if k is not None:
+        positions = seqlens[:, None] + torch.arange(new, device=dev)
+        if int(positions.max()) >= S:
+            raise AttentionInputError(
+                f"the cache holds {S} positions; appending {new} at cache_seqlens {seqlens.tolist()} "
+                "overflows it"
+            )
+        if rotary_cos is not None:
+            k = _rotary(k, rotary_cos, rotary_sin, positions, rotary_interleaved)
+        with torch.no_grad():
+            if block_table is not None:
+                pages = block_table.long().gather(1, positions // page)
+                k_cache[pages, positions % page] = k.to(k_cache.dtype)
+                v_cache[pages, positions % page] = v.to(v_cache.dtype)
+            else:
+                k_cache[rows[:, None], positions] = k.to(k_cache.dtype)
+                v_cache[rows[:, None], positions] = v.to(v_cache.dtype)
+    total = seqlens + new
+    if rotary_cos is not None:
+        moving = causal or tuple(window_size) != (-1, -1)
+        steps = torch.arange(L, device=dev) if moving else torch.zeros(L, dtype=torch.long, device=dev)
+        q = _rotary(q, rotary_cos, rotary_sin, seqlens[:, None] + steps, rotary_interleaved)
+    if block_table is not None:
+        keys, values = (c[block_table.long()].flatten(1, 2) for c in (k_cache, v_cache))
+    else:
+        keys, values = (c[rows] if cache_batch_idx is not None else c[:B] for c in (k_cache, v_cache))
+    window = _window(window_size, causal)
+    offset = total - L  # query i of row b sits at key position offset[b] + i
+    mask_mod = None
+    if window is not None or causal:
+        left, right = window if window is not None else (2**31 - 1, 0)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            diag = offset[b] + q_idx
+            return (kv_idx <= diag + right) & (kv_idx >= diag - left)
+
+    slopes = _slopes(alibi_slopes, q.shape[2], B)
+    score_mod = _alibi(slopes, lambda b, i: b, lambda b, i, j: i + offset[b] - j)
+    out, lse = efficient_dot_product_attention(
+        q, keys, values, scale=softmax_scale, key_value_seq_lengths=total, mask_mod=mask_mod,
+        score_mod=score_mod, logits_soft_cap=float(softcap) or None, return_lse=True,
+    )  # fmt: skip
+    return (out, lse.transpose(1, 2)) if return_softmax_lse else out

@@ -184,3 +184,102 @@ def test_a_model_written_against_flash_attn_runs_by_changing_one_import():
     want.square().sum().backward()
     for (name, p), r in zip(ours.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, r.grad, atol=1e-9, rtol=1e-9, msg=name)
+
+
+# ------------------------------------------------------------------------------------------
+# flash_attn_with_kvcache
+# ------------------------------------------------------------------------------------------
+
+
+def _rotate(x, cos, sin, positions, interleaved):
+    """Rotary embedding written out per pair of dims (the reference's own)."""
+    out = x.clone()
+    half = cos.shape[1]
+    for b in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            c, s = cos[positions[b, i]], sin[positions[b, i]]
+            for m in range(half):
+                a, bb = (2 * m, 2 * m + 1) if interleaved else (m, m + half)
+                xa, xb = x[b, i, :, a], x[b, i, :, bb]
+                out[b, i, :, a] = xa * c[m] - xb * s[m]
+                out[b, i, :, bb] = xa * s[m] + xb * c[m]
+    return out
+
+
+KVCACHE = [
+    dict(causal=True),
+    dict(),
+    dict(window=(3, 0), causal=True),
+    dict(causal=True, alibi="batch"),
+    dict(causal=True, rotary=True),
+    dict(rotary=True, interleaved=False),
+]
+
+
+@pytest.mark.parametrize("setting", KVCACHE, ids=lambda s: "-".join(s) or "plain")
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_with_kvcache_appends_in_place_and_matches_the_reference(setting, paged):
+    setting = dict(setting)
+    g = torch.Generator().manual_seed(2)
+    B, L, H, K, D, S = 3, 2, 4, 2, 8, 24
+    cache_k = torch.randn(B, S, K, D, generator=g, dtype=torch.float64)
+    cache_v = torch.randn(B, S, K, D, generator=g, dtype=torch.float64)
+    q = torch.randn(B, L, H, D, generator=g, dtype=torch.float64)
+    k_new = torch.randn(B, L, K, D, generator=g, dtype=torch.float64)
+    v_new = torch.randn(B, L, K, D, generator=g, dtype=torch.float64)
+    seqlens = torch.tensor([5, 0, 17], dtype=torch.int32)
+    cos = sin = None
+    interleaved = setting.pop("interleaved", True)
+    if setting.pop("rotary", False):
+        angles = torch.rand(S, 3, generator=g, dtype=torch.float64) * 6
+        cos, sin = angles.cos(), angles.sin()
+    alibi = _alibi(setting.pop("alibi", None), B, H)
+    if alibi is not None:
+        alibi = torch.cat([alibi, alibi[:1] * 3])  # [B, H] with B = 3
+    # the reference: append by hand (rotated keys), then dense attention on each row's prefix
+    moving = setting.get("causal", False) or "window" in setting
+    pos = seqlens.long()[:, None] + torch.arange(L)
+    q_pos = pos if moving else seqlens.long()[:, None].expand(B, L)
+    q_ref = q if cos is None else _rotate(q, cos, sin, q_pos, interleaved)
+    k_ref = k_new if cos is None else _rotate(k_new, cos, sin, pos, interleaved)
+    want_k, want_v = cache_k.clone(), cache_v.clone()
+    refs = []
+    for b in range(B):
+        n = int(seqlens[b])
+        want_k[b, n : n + L], want_v[b, n : n + L] = k_ref[b], v_new[b]
+        a = None if alibi is None else alibi[b]
+        refs.append(
+            reference(
+                q_ref[b : b + 1], want_k[b : b + 1, : n + L], want_v[b : b + 1, : n + L], alibi=a, **setting
+            )[0]
+        )
+    if paged:  # pages of 4 positions, scattered in a pool
+        page = 4
+        order = torch.randperm(B * S // page, generator=g)
+        pool_k = torch.zeros(B * S // page + 2, page, K, D, dtype=torch.float64)
+        pool_v = torch.zeros_like(pool_k)
+        table = order.view(B, S // page).to(torch.int32)
+        pool_k[table.long()] = cache_k.view(B, S // page, page, K, D)
+        pool_v[table.long()] = cache_v.view(B, S // page, page, K, D)
+        caches, extra = (pool_k, pool_v), dict(block_table=table)
+    else:
+        caches, extra = (cache_k, cache_v), {}
+    out = fa.flash_attn_with_kvcache(
+        q, *caches, k=k_new, v=v_new, rotary_cos=cos, rotary_sin=sin, cache_seqlens=seqlens,
+        causal=setting.get("causal", False), window_size=setting.get("window", (-1, -1)),
+        alibi_slopes=alibi, rotary_interleaved=interleaved, **extra,
+    )  # fmt: skip
+    torch.testing.assert_close(out, torch.cat(refs), atol=1e-10, rtol=1e-10)
+    got_k = caches[0][table.long()].flatten(1, 2) if paged else caches[0]
+    torch.testing.assert_close(got_k, want_k)  # appended in place
+
+
+def test_with_kvcache_without_new_keys_reads_the_cache_as_is():
+    q, k, v = _inputs(B=2, L=1, S=16)
+    out, lse = fa.flash_attn_with_kvcache(
+        q, k, v, cache_seqlens=torch.tensor([16, 9]), return_softmax_lse=True
+    )
+    ref0, _ = reference(q[:1], k[:1], v[:1])
+    ref1, lse1 = reference(q[1:], k[1:, :9], v[1:, :9])
+    torch.testing.assert_close(out, torch.cat([ref0, ref1]))
+    torch.testing.assert_close(lse[1], lse1[0])
