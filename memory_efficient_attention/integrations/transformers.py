@@ -331,7 +331,7 @@ def attention_forward(
     out = out.permute(0, 2, 1, 3, 4).reshape(B, L, dims.q_heads, dims.v_depth)
     weights = None
     if _attentions_requested(kwargs):
-        weights = _attention_weights(query, key, q5, k4, {**kernel_args, "dropout_rate": 0.0})
+        weights = kernel.attention_weights(q5, k4, dims, **kernel_args)
     return out, weights
 
 
@@ -350,32 +350,6 @@ def _attentions_requested(kwargs: dict[str, Any]) -> bool:
         return False
     collected = _active_collector.get()
     return isinstance(collected, dict) and any(str(k).endswith("attentions") for k in collected)
-
-
-def _attention_weights(
-    query: torch.Tensor, key: torch.Tensor, q5: torch.Tensor, k4: torch.Tensor, kernel_args: dict[str, Any]
-) -> torch.Tensor:
-    """The probabilities ``[B, H, L, S]`` (in the query dtype), computed by the kernel itself.
-
-    Running the kernel with one-hot values (value column ``c`` is key ``j0 + c``) gives the
-    columns ``j0...`` of the probability matrix with exactly the masks, bias, soft cap and
-    ``sdpa`` semantics of the output (a row with no key left is 0), and their gradients. Keys go
-    ``width`` at a time, so no ``S x S`` one-hot matrix is built; the result itself is
-    O(B * H * L * S), which the caller asked for.
-    """
-    B, H, L, _ = query.shape
-    S = key.shape[-2]
-    width = max(1, min(S, max(L, 128)))
-    blocks = []
-    for j0 in range(0, S, width):
-        c = min(width, S - j0)
-        onehot = torch.zeros(S, c, dtype=query.dtype, device=query.device)
-        onehot[torch.arange(j0, j0 + c, device=query.device), torch.arange(c, device=query.device)] = 1
-        value = onehot.expand(B, key.shape[1], S, c)
-        dims = heads_first_dims(query.shape, key.shape, value.shape, enable_gqa=True)
-        p, _ = kernel.attention(q5, k4, value, dims, **kernel_args)  # [B, K, L, G, c]
-        blocks.append(p.permute(0, 1, 3, 2, 4).reshape(B, H, L, c))
-    return torch.cat(blocks, dim=-1)
 
 
 def register(name: str = "memory_efficient", *, structured_masks: bool = True) -> str:

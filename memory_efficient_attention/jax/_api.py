@@ -277,7 +277,8 @@ def efficient_dot_product_attention(
     autodiff: str = "vjp",
     engine: str = "auto",
     sinks: ArrayLike | None = None,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+    return_weights: bool = False,
+) -> jax.Array | tuple[jax.Array, ...]:
     """Exact attention in O(n) memory, forward and backward (seed-compatible signature).
 
     Args:
@@ -325,6 +326,10 @@ def efficient_dot_product_attention(
       sinks: ``[H]`` attention-sink logits (gpt-oss, StreamingLLM): one extra logit per head in
         every row's softmax that takes probability mass but has no value; differentiable. With
         ``return_lse`` the lse includes the sink.
+      return_weights: also return the attention probabilities ``[B..., H, L, S]`` (before
+        dropout, with every mask, bias and callable of the call; differentiable), computed a
+        block of keys at a time by the same kernel: an O(L*S) result by the caller's choice.
+        Returned last.
 
     ``scale`` may be a number, a numpy scalar or a 0-d JAX array, traced too (under ``jit``,
     with a gradient): an array scale multiplies the query before the kernel.
@@ -376,7 +381,7 @@ def _efficient_dot_product_attention(
     mask_calc_fn, weights_calc_fn, calc_fn_data, scale, is_causal, causal_alignment,
     local_window_size, query_seq_lengths, key_value_seq_lengths, query_segment_ids,
     key_segment_ids, score_mod, mask_mod, logits_soft_cap, dropout_rate, dropout_rng, return_lse,
-    memory_budget, autodiff, engine, sinks,
+    memory_budget, autodiff, engine, sinks, return_weights,
 ):  # fmt: skip
     """The body of ``efficient_dot_product_attention`` (compiled once per static configuration
     when called eagerly, see ``_dispatch``)."""
@@ -402,15 +407,44 @@ def _efficient_dot_product_attention(
         q4, k4, v4, dims, options, arrays, mods, dropout_rng=dropout_rng, calc_fn_data=calc_fn_data,
         autodiff=autodiff,
     )  # fmt: skip
+    weights = None
+    if return_weights:
+        no_dropout = dataclasses.replace(options, dropout_rate=0.0)
+        weights = _attention_weights(
+            q4, k4, dims, no_dropout, arrays, mods, calc_fn_data=calc_fn_data, autodiff=autodiff
+        )
     if sinks is not None:  # (_spec.check_sinks): out * sigmoid(lse - sink), logaddexp(lse, sink)
         sink = jnp.asarray(sinks).astype(lse.dtype)
-        out = (out.astype(lse.dtype) * jax.nn.sigmoid(lse - sink)[..., None]).astype(out.dtype)
+        keep = jax.nn.sigmoid(lse - sink)  # [Z, L, H]
+        out = (out.astype(lse.dtype) * keep[..., None]).astype(out.dtype)
+        if weights is not None:
+            weights = (weights * jnp.swapaxes(keep, 1, 2)[..., None]).astype(weights.dtype)
         lse = jnp.where(no_key(lse), sink + jnp.zeros_like(lse), jnp.logaddexp(lse, sink))
-    out = out.reshape(*dims.batch, dims.q_len, dims.q_heads, dims.v_depth)
-    if not return_lse:
-        return out
-    lse = jnp.where(no_key(lse), -jnp.inf, lse)  # the documented lse of a row with no key
-    return out, lse.reshape(*dims.batch, dims.q_len, dims.q_heads)
+    results = [out.reshape(*dims.batch, dims.q_len, dims.q_heads, dims.v_depth)]
+    if return_lse:
+        lse = jnp.where(no_key(lse), -jnp.inf, lse)  # the documented lse of a row with no key
+        results.append(lse.reshape(*dims.batch, dims.q_len, dims.q_heads))
+    if return_weights:
+        results.append(weights.reshape(*dims.batch, *weights.shape[1:]))
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+def _attention_weights(q4, k4, dims: Dims, options: CallOptions, arrays: CallArrays, mods, **extra):
+    """The probabilities ``[Z, H, L, S]`` of a call, by the kernel itself: with one-hot values
+    (value column ``c`` is key ``j0 + c``) it gives columns ``j0...`` of the probability matrix
+    with the call's masks, bias, callables and rules; keys go ``width`` at a time, so no ``S x S``
+    one-hot matrix is built (as ``torch._api.attention_weights``)."""
+    z, kh, S = dims.batch_size, dims.kv_heads, dims.kv_len
+    width = max(1, min(S, max(dims.q_len, 128)))
+    blocks = []
+    for j0 in range(0, S, width):
+        c = min(width, S - j0)
+        onehot = (jnp.arange(S)[:, None] == j0 + jnp.arange(c)[None, :]).astype(q4.dtype)  # [S, c]
+        values = jnp.broadcast_to(onehot[None, :, None, :], (z, S, kh, c))
+        block_dims = dataclasses.replace(dims, v_depth=c)
+        p, _ = _attention(q4, k4, values, block_dims, options, arrays, mods, **extra)
+        blocks.append(jnp.swapaxes(p, 1, 2))  # [Z, H, L, c]
+    return jnp.concatenate(blocks, axis=-1)
 
 
 def _check_cudnn() -> None:

@@ -8,6 +8,7 @@ Shape legend (``memory_efficient_attention._spec``): ``B...`` batch dims (any nu
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -221,6 +222,7 @@ def efficient_dot_product_attention(
     memory_budget: int | str | None = None,
     engine: str = "auto",
     sinks: torch.Tensor | None = None,
+    return_weights: bool = False,
 ):
     """Exact attention in O(n) memory, forward and backward (seed-compatible signature).
 
@@ -270,6 +272,10 @@ def efficient_dot_product_attention(
       sinks: ``[H]`` attention-sink logits (gpt-oss, StreamingLLM): one extra logit per head in
         every row's softmax that takes probability mass but has no value; differentiable. With
         ``return_lse`` the lse includes the sink.
+      return_weights: also return the attention probabilities ``[B..., H, L, S]`` (before
+        dropout, with every mask, bias and callable of the call; differentiable), for debugging
+        and visualisation: an O(L*S) result by the caller's choice, computed a block of keys at a
+        time by the same kernel (no other O(L*S) temporary). Returned last.
 
     Structured masks exclude keys: a query row with no key left outputs 0 with zero gradient.
 
@@ -314,28 +320,47 @@ def efficient_dot_product_attention(
     q5 = query.reshape(z, dims.q_len, kh, g, dims.qk_depth).permute(0, 2, 1, 3, 4)
     k4 = key.reshape(z, dims.kv_len, kh, dims.qk_depth).transpose(1, 2)
     v4 = value.reshape(z, dims.kv_len, kh, dims.v_depth).transpose(1, 2)
-    out, lse = _attention(
-        q5,
-        k4,
-        v4,
-        dims,
-        options,
-        arrays,
-        Mods(
-            score_mod=score_mod,
-            mask_mod=structured["mask_mod"],
-            bias_calc_fn=bias_calc_fn,
-            mask_calc_fn=mask_calc_fn,
-            weights_calc_fn=weights_calc_fn,
-            calc_fn_data=calc_fn_data,
-        ),
-        generator=generator,
-        sinks=sinks,
+    mods = Mods(
+        score_mod=score_mod,
+        mask_mod=structured["mask_mod"],
+        bias_calc_fn=bias_calc_fn,
+        mask_calc_fn=mask_calc_fn,
+        weights_calc_fn=weights_calc_fn,
+        calc_fn_data=calc_fn_data,
     )
+    out, lse = _attention(q5, k4, v4, dims, options, arrays, dataclasses.replace(mods), generator=generator,
+                          sinks=sinks)  # fmt: skip
     out = out.permute(0, 2, 1, 3, 4).reshape(*dims.batch, dims.q_len, dims.q_heads, dims.v_depth)
-    if not return_lse:
-        return out
-    return out, lse.permute(0, 2, 1, 3).reshape(*dims.batch, dims.q_len, dims.q_heads)
+    results = [out]
+    if return_lse:
+        results.append(lse.permute(0, 2, 1, 3).reshape(*dims.batch, dims.q_len, dims.q_heads))
+    if return_weights:
+        options = dataclasses.replace(options, dropout_rate=0.0)
+        weights = attention_weights(q5, k4, dims, options, arrays, mods, sinks=sinks)
+        results.append(weights.reshape(*dims.batch, *weights.shape[1:]))
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+def attention_weights(q5, k4, dims: Dims, options: CallOptions, arrays: CallArrays, mods: Mods, **extra):
+    """The probabilities ``[Z, H, L, S]`` of a call, computed by the kernel itself.
+
+    Running the kernel with one-hot values (value column ``c`` is key ``j0 + c``) gives the
+    columns ``j0...`` of the probability matrix with exactly the call's masks, bias, callables and
+    rules (a row with no key left is 0), and their gradients. Keys go ``width`` at a time, so no
+    ``S x S`` one-hot matrix is built; the result itself is O(Z * H * L * S), which the caller
+    asked for. ``extra``: more keywords of ``_attention`` (``sinks``, ``operand_names``)."""
+    z, kh, S = dims.batch_size, dims.kv_heads, dims.kv_len
+    width = max(1, min(S, max(dims.q_len, 128)))
+    blocks = []
+    for j0 in range(0, S, width):
+        c = min(width, S - j0)
+        onehot = torch.zeros(S, c, dtype=q5.dtype, device=q5.device)
+        onehot[torch.arange(j0, j0 + c, device=q5.device), torch.arange(c, device=q5.device)] = 1
+        block_dims = dataclasses.replace(dims, v_depth=c)
+        p, _ = _attention(q5, k4, onehot.expand(z, kh, S, c), block_dims, options, arrays,
+                          dataclasses.replace(mods), **extra)  # fmt: skip
+        blocks.append(p.permute(0, 1, 3, 2, 4).reshape(z, dims.q_heads, dims.q_len, c))
+    return torch.cat(blocks, dim=-1)
 
 
 def _causal_bias_alignment(attn_mask, query: torch.Tensor, key: torch.Tensor) -> str | None:

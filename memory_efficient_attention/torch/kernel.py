@@ -24,10 +24,11 @@ import torch
 from .._config import KernelConfig, split_arguments
 from .._spec import Dims
 from ._api import _attention, _check_qkv
+from ._api import attention_weights as _attention_weights
 from ._function import Operands
 from ._kernel import Mods, _unit, attention_backward, attention_forward, log_sum_exp
 
-__all__ = ["attention", "backward_block", "check_qkv", "forward_block"]
+__all__ = ["attention", "attention_weights", "backward_block", "check_qkv", "forward_block"]
 
 _NEG_INF = float("-inf")
 
@@ -59,6 +60,18 @@ def attention(
     options, arrays, rest = split_arguments({"mask_fill": mask_fill, **options})
     mods = Mods(score_mod=rest.pop("score_mod", None), mask_mod=rest.pop("mask_mod", None))
     return _attention(q5, k4, v4, dims, options, arrays, mods, **rest)
+
+
+def attention_weights(
+    q5: torch.Tensor, k4: torch.Tensor, dims: Dims, *, mask_fill: str = "exclude", **options
+):
+    """The probabilities ``[Z, H, L, S]`` of the call ``attention(q5, k4, v4, dims, **options)``
+    would make (before dropout; sinks, masks, bias and callables included), a block of keys at a
+    time (``_api.attention_weights``). ``dims``: the call's; its value depth is not used."""
+    options, arrays, rest = split_arguments({"mask_fill": mask_fill, **options, "dropout_rate": 0.0})
+    mods = Mods(score_mod=rest.pop("score_mod", None), mask_mod=rest.pop("mask_mod", None))
+    rest.pop("generator", None)
+    return _attention_weights(q5, k4, dims, options, arrays, mods, **rest)
 
 
 def forward_block(cfg: KernelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
