@@ -283,6 +283,13 @@ def _rotary(
     return torch.cat([out, x[..., 2 * half :]], dim=-1)
 
 
+def _gather_pages(pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """The pages of each row as ``[B, S, K, D]``: one copy of the rows' own pages, never of the
+    whole pool (a gather in the pool's own layout: 25 ms for 64 MiB here, where gathering straight
+    into a heads-first layout took 65 ms)."""
+    return pool[block_table.long()].flatten(1, 2)
+
+
 def flash_attn_with_kvcache(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -359,10 +366,20 @@ def flash_attn_with_kvcache(
         steps = torch.arange(L, device=dev) if moving else torch.zeros(L, dtype=torch.long, device=dev)
         q = _rotary(q, rotary_cos, rotary_sin, seqlens[:, None] + steps, rotary_interleaved)
     if block_table is not None:
-        keys, values = (c[block_table.long()].flatten(1, 2) for c in (k_cache, v_cache))
+        keys, values = (_gather_pages(c, block_table) for c in (k_cache, v_cache))
     else:
         keys, values = (c[rows] if cache_batch_idx is not None else c[:B] for c in (k_cache, v_cache))
     window = _window(window_size, causal)
+    slopes = _slopes(alibi_slopes, q.shape[2], B)
+    options = dict(scale=softmax_scale, logits_soft_cap=float(softcap) or None, return_lse=True)
+    if bool((total == total[0]).all()):  # one length: the cache's first keys, structured masks
+        n = int(total[0])
+        alibi = _alibi(slopes, lambda b, i: b, lambda b, i, j: i + (n - L) - j)
+        out, lse = efficient_dot_product_attention(
+            q, keys[:, :n], values[:, :n], is_causal=bool(causal), causal_alignment="bottom_right",
+            local_window_size=window, score_mod=alibi, **options,
+        )  # fmt: skip
+        return (out, lse.transpose(1, 2)) if return_softmax_lse else out
     offset = total - L  # query i of row b sits at key position offset[b] + i
     mask_mod = None
     if window is not None or causal:
@@ -372,10 +389,8 @@ def flash_attn_with_kvcache(
             diag = offset[b] + q_idx
             return (kv_idx <= diag + right) & (kv_idx >= diag - left)
 
-    slopes = _slopes(alibi_slopes, q.shape[2], B)
     score_mod = _alibi(slopes, lambda b, i: b, lambda b, i, j: i + offset[b] - j)
     out, lse = efficient_dot_product_attention(
-        q, keys, values, scale=softmax_scale, key_value_seq_lengths=total, mask_mod=mask_mod,
-        score_mod=score_mod, logits_soft_cap=float(softcap) or None, return_lse=True,
-    )  # fmt: skip
+        q, keys, values, key_value_seq_lengths=total, mask_mod=mask_mod, score_mod=score_mod, **options
+    )
     return (out, lse.transpose(1, 2)) if return_softmax_lse else out

@@ -359,9 +359,9 @@ def test_decoding_picks_the_engine_by_the_key_layout():
     q = torch.randn(1, 1, 8, 16)
     seed_layout = torch.randn(1, 500, 8, 16)  # [B, S, K, D]: each head's keys strided
     assert "strided per head" in explain(q, seed_layout, seed_layout)
-    from memory_efficient_attention.torch import scaled_dot_product_attention  # noqa: F401
-
     heads_first = torch.randn(1, 8, 500, 16).transpose(1, 2)  # a heads-first cache, seen [B, S, K, D]
     assert explain(q, heads_first, heads_first).startswith("engine: fused")
     gqa = torch.randn(1, 500, 1, 16)
     assert explain(q, gqa, gqa).startswith("engine: fused")
+    grouped = torch.randn(1, 500, 2, 16)  # 4 query heads per key/value head, strided: fused
+    assert explain(q, grouped, grouped).startswith("engine: fused")

@@ -283,3 +283,29 @@ def test_with_kvcache_without_new_keys_reads_the_cache_as_is():
     ref1, lse1 = reference(q[1:], k[1:, :9], v[1:, :9])
     torch.testing.assert_close(out, torch.cat([ref0, ref1]))
     torch.testing.assert_close(lse[1], lse1[0])
+
+
+ONE_LENGTH = [dict(causal=True), dict(window=(4, 1)), dict(causal=True, alibi="batch")]
+
+
+@pytest.mark.parametrize("setting", ONE_LENGTH, ids=["causal", "window", "causal-alibi"])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_with_kvcache_one_length_for_all_rows(setting, paged):
+    """Every row at the same length (the structured-mask path): equal to the per-row reference."""
+    setting = dict(setting)
+    alibi = _alibi(setting.pop("alibi", None), 2, 4)
+    q, k, v = _inputs(B=2, L=3, S=16)
+    n = 11
+    extra = {}
+    caches = (k, v)
+    if paged:
+        table = torch.tensor([[3, 0], [1, 2]], dtype=torch.int32)
+        pool_k = torch.zeros(4, 8, 2, 8, dtype=torch.float64)
+        pool_v = torch.zeros_like(pool_k)
+        pool_k[table.long()] = k.view(2, 2, 8, 2, 8)
+        pool_v[table.long()] = v.view(2, 2, 8, 2, 8)
+        caches, extra = (pool_k, pool_v), dict(block_table=table)
+    kwargs = dict(causal=setting.get("causal", False), window_size=setting.get("window", (-1, -1)))
+    out = fa.flash_attn_with_kvcache(q, *caches, cache_seqlens=n, alibi_slopes=alibi, **kwargs, **extra)
+    want = reference(q, k[:, :n], v[:, :n], alibi=alibi, **setting)[0]
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-10)
