@@ -249,17 +249,28 @@ def test_bias_without_gradient_runs_fused_both_ways_and_with_gradient_falls_back
         assert_close(g.numpy(), ref[name], "float64", name)
 
 
-def test_lse_gradient_falls_back_to_the_chunked_backward():
+def test_lse_gradient_runs_fused_and_equals_the_chunked_backward(caplog):
     q, k, v = _qkv()
     outs = {}
     for engine in ("fused", "chunked"):
-        out, lse = attention(q, k, v, is_causal=True, return_lse=True, engine=engine)
-        outs[engine] = torch.autograd.grad((out.sum() + lse.square().sum()), (q, k, v))
+        with caplog.at_level(logging.DEBUG, logger="memory_efficient_attention"):
+            out, lse = attention(q, k, v, is_causal=True, return_lse=True, engine=engine)
+            outs[engine] = torch.autograd.grad((out.sum() + lse.square().sum()), (q, k, v))
         numpy = (t.detach().numpy() for t in (q, k, v))
         ref_out, ref_lse = reference_attention(*numpy, is_causal=True, return_lse=True)
         assert_close(out.detach().numpy(), ref_out, "float64", "out")
         assert_close(lse.detach().numpy(), ref_lse, "float64", "lse")
     for a, b in zip(outs["fused"], outs["chunked"]):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    assert "backward: fused engine" in caplog.text
+    # half precision, or a row whose dO is 0 while its lse has a gradient: the chunked backward
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="memory_efficient_attention"):
+        out, lse = attention(q, k, v, is_causal=True, return_lse=True, engine="fused")
+        got = torch.autograd.grad(lse.sum(), (q, k, v))  # dO = 0 everywhere
+    assert "backward: chunked engine (it needs a gradient of the returned lse" in caplog.text
+    _, lse_c = attention(q, k, v, is_causal=True, return_lse=True, engine="chunked")
+    for a, b in zip(got, torch.autograd.grad(lse_c.sum(), (q, k, v))):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 

@@ -11,8 +11,9 @@ the natural-log lse). Engines (see ``_spans``):
 
 ``engine="auto"`` (the default) takes ``fused`` where ``fused_refusal`` has no objection and
 ``chunked`` otherwise; its backward falls back to ``chunked`` when it needs what the fused kernel
-cannot give (a bias gradient, a gradient of the returned lse). The choice is logged at DEBUG level
-on the ``memory_efficient_attention`` logger, and ``explain`` prints it with the plan.
+cannot give (a bias gradient; a gradient of the returned lse in float16/bfloat16). The choice is
+logged at DEBUG level on the ``memory_efficient_attention`` logger; ``explain`` prints it with the
+plan.
 """
 
 from __future__ import annotations
@@ -122,7 +123,17 @@ def _chunked_forward(cfg: KernelConfig, mods: Mods, ops, seed: int):
     return out, row_max, row_sum
 
 
-def backward_engine(cfg: KernelConfig, mods: Mods, ops, d_lse, need_bias_grad: bool, captured) -> str:
+def _lse_gradient_fits(ops, d_lse, d_out) -> bool:
+    """Whether the fused backward can take ``d_lse`` (``_fused.fused_backward``): float32 or
+    float64, and every row with ``d_lse != 0`` has a nonzero ``dO`` (one reduction, one sync)."""
+    if d_out is None or ops.q.dtype not in (torch.float32, torch.float64):
+        return False
+    norm = d_out.to(d_lse.dtype).square().sum(-1)
+    return not bool(((d_lse != 0) & (norm == 0)).any())
+
+
+def backward_engine(cfg: KernelConfig, mods: Mods, ops, d_lse, need_bias_grad: bool, captured,
+                    d_out=None) -> str:  # fmt: skip
     """The engine of a backward: the forward's, unless it needs what the fused kernel lacks."""
     engine = mods.engine or choose(cfg, mods, ops)[0]
     if engine != "fused":
@@ -132,8 +143,8 @@ def backward_engine(cfg: KernelConfig, mods: Mods, ops, d_lse, need_bias_grad: b
         why = "a bias gradient"
     elif captured:
         why = "gradients of captured tensors"
-    elif d_lse is not None and bool(d_lse.any()):
-        why = "a gradient of the returned lse"
+    elif d_lse is not None and bool(d_lse.any()) and not _lse_gradient_fits(ops, d_lse, d_out):
+        why = "a gradient of the returned lse (in float16/bfloat16, or on a row whose dO is 0)"
     if why is not None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("backward: chunked engine (it needs %s)", why)
@@ -144,10 +155,11 @@ def backward_engine(cfg: KernelConfig, mods: Mods, ops, d_lse, need_bias_grad: b
 def backward(cfg: KernelConfig, mods: Mods, ops, seed, out, row_max, row_sum, d_out, d_lse,
              need_bias_grad: bool, captured=None):  # fmt: skip
     """Gradients (see ``_kernel.attention_backward``) by ``backward_engine``'s choice."""
-    if backward_engine(cfg, mods, ops, d_lse, need_bias_grad, captured) == "fused":
+    if backward_engine(cfg, mods, ops, d_lse, need_bias_grad, captured, d_out) == "fused":
         if log.isEnabledFor(logging.DEBUG):
             log.debug("backward: fused engine")
-        dq, dk, dv = _fused.fused_backward(cfg, mods, ops, out, row_max, row_sum, d_out, _unit(mods))
+        d_lse = d_lse if d_lse is not None and bool(d_lse.any()) else None
+        dq, dk, dv = _fused.fused_backward(cfg, mods, ops, out, row_max, row_sum, d_out, _unit(mods), d_lse)
         return (dq, dk, dv, None, []) if captured else (dq, dk, dv, None)
     return attention_backward(cfg, mods, ops, seed, out, row_max, row_sum, d_out, d_lse,
                               need_bias_grad, captured=captured)  # fmt: skip

@@ -173,9 +173,14 @@ def statistics(lse: torch.Tensor, unit: float) -> tuple[torch.Tensor, torch.Tens
     return row_max, has_key.to(lse.dtype)
 
 
-def fused_backward(cfg: KernelConfig, mods, ops, out5, row_max, row_sum, d_out5, unit: float):
+def fused_backward(cfg: KernelConfig, mods, ops, out5, row_max, row_sum, d_out5, unit: float, d_lse=None):
     """``dq [Z, K, L, G, D], dk, dv [Z, K, S, D]`` (input dtype) from the global ``out`` and
-    statistics (see ``fused_forward``)."""
+    statistics (see ``fused_forward``).
+
+    ``d_lse`` (``[Z, K, L, G]``, the gradient of the returned lse, or None) enters as the kernel's
+    row term: its backward reads ``out`` only in ``D = rowsum(dO * out)``, and d lse / d s = P
+    turns ``D`` into ``D - d_lse``, so ``out - (d_lse / |dO|^2) dO`` is passed for ``out`` (rows
+    with ``d_lse != 0`` need ``dO != 0``: ``_engines.backward_engine`` checks)."""
     bop = getattr(torch.ops.aten, _OP_NAME + "_backward")
     dims = cfg.dims
     dt = ops.q.dtype
@@ -186,6 +191,11 @@ def fused_backward(cfg: KernelConfig, mods, ops, out5, row_max, row_sum, d_out5,
     lse = torch.where(row_sum > 0, row_max / unit + row_sum.log(), torch.full_like(row_max, float("inf")))
     lse = _heads(lse.unsqueeze(-1))[..., 0].to(lse_dtype).contiguous()
     q, out, d_out = _heads(ops.q), _heads(out5.to(dt)), _heads(d_out5.to(dt))
+    if d_lse is not None:
+        dl = _heads(torch.nan_to_num(d_lse.to(cdt), nan=0.0, posinf=0.0, neginf=0.0).unsqueeze(-1))[..., 0]
+        norm = d_out.to(cdt).square().sum(-1)
+        shift = torch.where(norm > 0, dl / torch.where(norm > 0, norm, 1.0), 0.0)
+        out = (out.to(cdt) - shift.unsqueeze(-1) * d_out.to(cdt)).to(dt)
     plan = span_plan(cfg, ops)
     spans = plan.spans
     mask_dtype = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
