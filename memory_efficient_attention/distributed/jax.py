@@ -35,13 +35,14 @@ from .._spec import (  # noqa: E402
     Dims,
     check_float_dtypes,
     compute_dtype_name,
+    describe,
     lse_merge_weights,
     seed_dims,
 )
 from ..jax.kernel import backward_block, forward_block, varying_like  # noqa: E402
 from ._plan import Block, block_config, check_layout, relations, step_block, zigzag_permutation  # noqa: E402
 
-__all__ = ["from_zigzag", "ring_attention", "ring_attention_sharded", "to_zigzag"]
+__all__ = ["from_zigzag", "ring_attention", "ring_attention_sharded", "to_zigzag", "ulysses_attention"]
 
 _NEG_INF = -jnp.inf
 
@@ -429,3 +430,106 @@ def ring_attention_sharded(
         query, key, value
     )
     return from_zigzag(out, world) if layout == "zigzag" else out
+
+
+_ULYSSES_KEYWORDS = (
+    "scale", "is_causal", "causal_alignment", "local_window_size", "query_seq_lengths",
+    "key_value_seq_lengths", "logits_soft_cap", "query_chunk_size", "key_chunk_size",
+    "memory_budget", "precision", "return_lse",
+)  # fmt: skip
+
+
+def ulysses_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    axis_name: Hashable,
+    query_segment_ids: jax.Array | None = None,
+    key_segment_ids: jax.Array | None = None,
+    **kernel_arguments,
+) -> jax.Array:
+    """Exact attention over a sequence sharded along ``axis_name`` by all-to-all over heads
+    (DeepSpeed-Ulysses); call it inside ``jax.shard_map`` on each device's shard.
+
+    Each device holds a contiguous part of the sequence, ``[B..., L/W, H, D]``. One all-to-all
+    turns that into the whole sequence for ``H/W`` heads, the kernel attends locally with every
+    structured mask of the whole sequence, and one all-to-all brings the output back:
+    ``[B..., L/W, H, E]``. Memory per device is O(L * H / W), communication two all-to-alls each
+    way (differentiable: their transposes are all-to-alls).
+
+    Args:
+      query, key, value: the local shards ``[B..., L/W, H, D]``, ``[B..., S/W, K, D]``,
+        ``[B..., S/W, K, E]``; ``H`` divisible by ``W``. Fewer key/value heads than devices
+        (``W % K == 0``) are repeated to ``W`` before the exchange (GQA; each device then holds
+        one), otherwise ``K`` must be divisible by ``W``.
+      axis_name: the mesh axis the sequence is sharded over.
+      query_segment_ids, key_segment_ids: the local shards ``[B..., L/W]`` / ``[B..., S/W]``
+        (packed documents across shard boundaries are fine: they are gathered).
+      kernel_arguments: the kernel's own, with the global sequence's meaning: ``scale``,
+        ``is_causal``, ``causal_alignment``, ``local_window_size``, ``query_seq_lengths``,
+        ``key_value_seq_lengths`` (``[B...]``, global positions), ``logits_soft_cap``, the chunk
+        sizes, ``memory_budget``, ``precision``, ``return_lse`` (the lse comes back sharded
+        like the output, ``[B..., L/W, H]``).
+
+    Example (one device here; on ``W`` devices the same code exchanges heads)::
+
+        >>> import jax, numpy as np
+        >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> from memory_efficient_attention.distributed.jax import ulysses_attention
+        >>> mesh = jax.make_mesh((len(jax.devices()),), ("seq",))
+        >>> spec = P(None, "seq")
+        >>> x = jax.random.normal(jax.random.key(0), (3, 2, 64, 4, 16), dtype=np.float32)
+        >>> q, k, v = (jax.device_put(t, NamedSharding(mesh, spec)) for t in x)
+        >>> f = jax.shard_map(lambda q, k, v: ulysses_attention(q, k, v, axis_name="seq", is_causal=True),
+        ...                   mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+        >>> ref = jax.nn.dot_product_attention(*x, is_causal=True)
+        >>> bool(np.allclose(jax.jit(f)(q, k, v), ref, atol=1e-5))
+        True
+    """
+    from ..jax import efficient_dot_product_attention
+
+    unknown = sorted(set(kernel_arguments) - set(_ULYSSES_KEYWORDS))
+    if unknown:
+        raise TypeError(
+            f"ulysses_attention got unexpected keyword arguments {unknown}; it takes "
+            f"{', '.join(_ULYSSES_KEYWORDS)} and the segment ids"
+        )
+    try:
+        world = lax.axis_size(axis_name)
+    except NameError as err:
+        raise AttentionInputError(
+            f"axis_name {axis_name!r} is not a mesh axis here: call ulysses_attention inside "
+            "jax.shard_map over a mesh with that axis"
+        ) from err
+    heads, kv_heads = query.shape[-2], key.shape[-2]
+    if heads % world:
+        raise AttentionInputError(
+            f"query has {heads} heads (shape {describe(query.shape)}); Ulysses needs a multiple of "
+            f"the {world} devices of axis {axis_name!r}"
+        )
+    if kv_heads % world:
+        if world % kv_heads:
+            raise AttentionInputError(
+                f"key/value have {kv_heads} heads (shape {describe(key.shape)}); Ulysses needs a "
+                f"multiple or a divisor of the {world} devices of axis {axis_name!r}"
+            )
+        key, value = (jnp.repeat(x, world // kv_heads, axis=-2) for x in (key, value))
+
+    def to_heads(x):  # [B..., n/W, X, ...] -> [B..., n, X/W, ...]
+        return lax.all_to_all(x, axis_name, split_axis=x.ndim - 2, concat_axis=x.ndim - 3, tiled=True)
+
+    def to_sequence(x, seq_axis):  # the inverse, for [B..., n, X/W(, E)]
+        return lax.all_to_all(x, axis_name, split_axis=seq_axis, concat_axis=seq_axis + 1, tiled=True)
+
+    def gather(ids):
+        return None if ids is None else lax.all_gather(ids, axis_name, axis=ids.ndim - 1, tiled=True)
+
+    result = efficient_dot_product_attention(
+        to_heads(query), to_heads(key), to_heads(value), query_segment_ids=gather(query_segment_ids),
+        key_segment_ids=gather(key_segment_ids), **kernel_arguments,
+    )  # fmt: skip
+    if kernel_arguments.get("return_lse"):
+        out, lse = result
+        return to_sequence(out, out.ndim - 3), to_sequence(lse, lse.ndim - 2)
+    return to_sequence(result, result.ndim - 3)
