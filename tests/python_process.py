@@ -22,3 +22,18 @@ def run_python(code: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
     )
+
+
+def jax_results(script: str) -> dict:
+    """Run a script on simulated JAX CPU devices (it sets ``jax_num_cpu_devices`` itself) and
+    return the JSON it printed after ``RESULTS ``."""
+    import json
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, f"subprocess failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1].removeprefix("RESULTS "))

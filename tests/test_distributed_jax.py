@@ -6,10 +6,6 @@ float64, causal and not, both layouts, local lengths not a multiple of the chunk
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,6 +13,8 @@ import pytest
 jax = pytest.importorskip("jax")
 
 from memory_efficient_attention import AttentionInputError  # noqa: E402
+
+from .python_process import jax_results  # noqa: E402
 
 TOL = 1e-10  # float64
 
@@ -112,15 +110,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def ring_results():
-    script = f"CASES = {CASES!r}\nSHARD_MAP_CASES = {SHARD_MAP_CASES!r}\n" + SCRIPT
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, f"subprocess failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1].removeprefix("RESULTS "))
+    return jax_results(f"CASES = {CASES!r}\nSHARD_MAP_CASES = {SHARD_MAP_CASES!r}\n" + SCRIPT)
 
 
 @pytest.mark.parametrize("name", [c[0] for c in CASES + SHARD_MAP_CASES] + ["lazy import"])

@@ -5,15 +5,13 @@ devices; plus the argument checks."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 jax = pytest.importorskip("jax")
+
+from .python_process import jax_results  # noqa: E402
 
 CASES = {
     "causal": dict(is_causal=True),
@@ -103,15 +101,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def ulysses_results():
-    script = f"CASES = {CASES!r}\n" + SCRIPT
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, f"subprocess failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1].removeprefix("RESULTS "))
+    return jax_results(f"CASES = {CASES!r}\n" + SCRIPT)
 
 
 @pytest.mark.parametrize("name", list(CASES))
