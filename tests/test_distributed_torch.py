@@ -32,6 +32,53 @@ SUBTESTS = [
 ]
 
 
+# Ulysses (all-to-all over heads): (name, kernel keywords, key/value heads, packed documents);
+# 6 query heads on 3 ranks, local length 7.
+ULYSSES_SUBTESTS = [
+    ("ulysses-causal", {"is_causal": True}, 3, False),
+    ("ulysses-window-segments", {"local_window_size": (4, 1)}, 3, True),
+    ("ulysses-gqa-1-kv-head-lengths", {"key_value_seq_lengths": [21, 9], "is_causal": True}, 1, False),
+    ("ulysses-lse", {"return_lse": True, "logits_soft_cap": 2.0}, 6, False),
+]
+
+
+def _ulysses_subtest(rank: int, world: int, kwargs: dict, kv_heads: int, segments: bool):
+    from memory_efficient_attention.distributed.torch import ulysses_attention
+    from memory_efficient_attention.torch import efficient_dot_product_attention
+
+    gen = torch.Generator().manual_seed(99)
+    shape = dict(dtype=torch.float64, generator=gen)
+    n = 7 * world
+    q = torch.randn(2, n, 6, 8, **shape)
+    k = torch.randn(2, n, kv_heads, 8, **shape)
+    v = torch.randn(2, n, kv_heads, 5, **shape)
+    kwargs = {name: (torch.tensor(x) if isinstance(x, list) else x) for name, x in kwargs.items()}
+    ids = torch.tensor([0] * 5 + [1] * 12 + [2] * 4).repeat(2, 1) if segments else None
+    lse = kwargs.get("return_lse", False)
+
+    def loss(result):
+        if not lse:
+            return result.square().sum()
+        return result[0].square().sum() + torch.nan_to_num(result[1], neginf=0.0).sum()
+
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    seg = {} if ids is None else dict(query_segment_ids=ids, key_segment_ids=ids)
+    ref = efficient_dot_product_attention(*leaves, **seg, **kwargs)
+    ref_grads = torch.autograd.grad(loss(ref), leaves)
+
+    def shard(x):  # the sequence axis is 1 for q, k, v, out, lse and the ids
+        return x.chunk(world, dim=1)[rank]
+
+    local = [shard(x).clone().requires_grad_(True) for x in (q, k, v)]
+    local_seg = {} if ids is None else dict(query_segment_ids=shard(ids), key_segment_ids=shard(ids))
+    got = ulysses_attention(*local, **local_seg, **kwargs)
+    grads = torch.autograd.grad(loss(got), local)
+    outs = list(got) if lse else [got]
+    refs = [ref[0], ref[1]] if lse else [ref]
+    errors = [(a - shard(b)).nan_to_num(0.0).abs().max().item() for a, b in zip(outs, refs)]
+    return errors + [(g - shard(r)).abs().max().item() for g, r in zip(grads, ref_grads)]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,6 +129,12 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
             except Exception as err:  # reported to the parent, which fails the test
                 results[name] = f"{type(err).__name__}: {err}"
                 raise
+        for name, kwargs, kv_heads, segments in ULYSSES_SUBTESTS:
+            try:
+                results[name] = _ulysses_subtest(rank, world, kwargs, kv_heads, segments)
+            except Exception as err:
+                results[name] = f"{type(err).__name__}: {err}"
+                raise
         # A subgroup of two ranks forms its own ring (the others skip it, as collectives require).
         sub = dist.new_group([0, 1])
         if rank in (0, 1):
@@ -120,7 +173,7 @@ def ring_results(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("name", [s[0] for s in SUBTESTS] + ["subgroup"])
+@pytest.mark.parametrize("name", [s[0] for s in SUBTESTS + ULYSSES_SUBTESTS] + ["subgroup"])
 def test_ring_matches_single_process(ring_results, name):
     ranks = (0, 1) if name == "subgroup" else range(WORLD)
     for rank in ranks:
@@ -148,3 +201,20 @@ def test_zigzag_helpers_round_trip():
     assert from_zigzag(z, 3).equal(x)
     with pytest.raises(AttentionInputError, match="multiple of 6"):
         to_zigzag(torch.zeros(1, 10, 1, 1), 3)
+
+
+def test_ulysses_argument_checks():
+    from memory_efficient_attention.distributed._plan import ulysses_repeat
+    from memory_efficient_attention.distributed.torch import ulysses_attention
+
+    q = torch.zeros(1, 4, 2, 8)
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['mask'\\]"):
+        ulysses_attention(q, q, q, mask=None)
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            ulysses_attention(q, q, q)
+    assert ulysses_repeat((1, 4, 8, 8), (1, 4, 2, 8), 4, "ranks") == 2
+    with pytest.raises(AttentionInputError, match="query has 6 heads .* multiple of the 4 ranks"):
+        ulysses_repeat((1, 4, 6, 8), (1, 4, 2, 8), 4, "ranks")
+    with pytest.raises(AttentionInputError, match="key/value have 3 heads"):
+        ulysses_repeat((1, 4, 12, 8), (1, 4, 3, 8), 4, "ranks")

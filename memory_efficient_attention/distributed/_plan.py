@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._spec import AttentionInputError
+from .._spec import AttentionInputError, describe
 
 __all__ = ["LAYOUTS", "RELATIONS", "Block", "check_layout", "step_block", "zigzag_permutation"]
 
@@ -135,3 +135,41 @@ def block_config(dims, dtype: str, blk: Block, *, scale, query_chunk_size, key_c
         scale=scale, query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, is_causal=blk.causal
     )
     return make_config(dataclasses.replace(dims, q_len=blk.q_len, kv_len=blk.kv_len), dtype, options, device)
+
+
+# The kernel arguments Ulysses passes on (with the global sequence's meaning), in both frameworks.
+ULYSSES_KEYWORDS = (
+    "scale", "is_causal", "causal_alignment", "local_window_size", "query_seq_lengths",
+    "key_value_seq_lengths", "logits_soft_cap", "query_chunk_size", "key_chunk_size",
+    "memory_budget", "return_lse",
+)  # fmt: skip
+
+
+def check_ulysses_keywords(kernel_arguments, extra=()) -> None:
+    """``TypeError`` for a keyword Ulysses does not pass on (``ULYSSES_KEYWORDS`` + ``extra``)."""
+    allowed = (*ULYSSES_KEYWORDS, *extra)
+    unknown = sorted(set(kernel_arguments) - set(allowed))
+    if unknown:
+        raise TypeError(
+            f"ulysses_attention got unexpected keyword arguments {unknown}; it takes "
+            f"{', '.join(allowed)} and the segment ids"
+        )
+
+
+def ulysses_repeat(q_shape, k_shape, world: int, where: str) -> int:
+    """Check the heads of a Ulysses call: ``H`` a multiple of the ``world`` devices/ranks, ``K``
+    a multiple or a divisor of it. Returns how often to repeat each key/value head (1: none)."""
+    heads, kv_heads = q_shape[-2], k_shape[-2]
+    if heads % world:
+        raise AttentionInputError(
+            f"query has {heads} heads (shape {describe(q_shape)}); Ulysses needs a multiple of "
+            f"the {world} {where}"
+        )
+    if kv_heads % world == 0:
+        return 1
+    if world % kv_heads:
+        raise AttentionInputError(
+            f"key/value have {kv_heads} heads (shape {describe(k_shape)}); Ulysses needs a "
+            f"multiple or a divisor of the {world} {where}"
+        )
+    return world // kv_heads

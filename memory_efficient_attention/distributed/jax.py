@@ -35,12 +35,20 @@ from .._spec import (  # noqa: E402
     Dims,
     check_float_dtypes,
     compute_dtype_name,
-    describe,
     lse_merge_weights,
     seed_dims,
 )
 from ..jax.kernel import backward_block, forward_block, varying_like  # noqa: E402
-from ._plan import Block, block_config, check_layout, relations, step_block, zigzag_permutation  # noqa: E402
+from ._plan import (  # noqa: E402
+    Block,
+    block_config,
+    check_layout,
+    check_ulysses_keywords,
+    relations,
+    step_block,
+    ulysses_repeat,
+    zigzag_permutation,
+)
 
 __all__ = ["from_zigzag", "ring_attention", "ring_attention_sharded", "to_zigzag", "ulysses_attention"]
 
@@ -432,13 +440,6 @@ def ring_attention_sharded(
     return from_zigzag(out, world) if layout == "zigzag" else out
 
 
-_ULYSSES_KEYWORDS = (
-    "scale", "is_causal", "causal_alignment", "local_window_size", "query_seq_lengths",
-    "key_value_seq_lengths", "logits_soft_cap", "query_chunk_size", "key_chunk_size",
-    "memory_budget", "precision", "return_lse",
-)  # fmt: skip
-
-
 def ulysses_attention(
     query: jax.Array,
     key: jax.Array,
@@ -489,12 +490,7 @@ def ulysses_attention(
     """
     from ..jax import efficient_dot_product_attention
 
-    unknown = sorted(set(kernel_arguments) - set(_ULYSSES_KEYWORDS))
-    if unknown:
-        raise TypeError(
-            f"ulysses_attention got unexpected keyword arguments {unknown}; it takes "
-            f"{', '.join(_ULYSSES_KEYWORDS)} and the segment ids"
-        )
+    check_ulysses_keywords(kernel_arguments)
     try:
         world = lax.axis_size(axis_name)
     except NameError as err:
@@ -502,19 +498,9 @@ def ulysses_attention(
             f"axis_name {axis_name!r} is not a mesh axis here: call ulysses_attention inside "
             "jax.shard_map over a mesh with that axis"
         ) from err
-    heads, kv_heads = query.shape[-2], key.shape[-2]
-    if heads % world:
-        raise AttentionInputError(
-            f"query has {heads} heads (shape {describe(query.shape)}); Ulysses needs a multiple of "
-            f"the {world} devices of axis {axis_name!r}"
-        )
-    if kv_heads % world:
-        if world % kv_heads:
-            raise AttentionInputError(
-                f"key/value have {kv_heads} heads (shape {describe(key.shape)}); Ulysses needs a "
-                f"multiple or a divisor of the {world} devices of axis {axis_name!r}"
-            )
-        key, value = (jnp.repeat(x, world // kv_heads, axis=-2) for x in (key, value))
+    repeat = ulysses_repeat(query.shape, key.shape, world, f"devices of axis {axis_name!r}")
+    if repeat > 1:
+        key, value = (jnp.repeat(x, repeat, axis=-2) for x in (key, value))
 
     def to_heads(x):  # [B..., n/W, X, ...] -> [B..., n, X/W, ...]
         return lax.all_to_all(x, axis_name, split_axis=x.ndim - 2, concat_axis=x.ndim - 3, tiled=True)

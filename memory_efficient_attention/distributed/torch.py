@@ -36,9 +36,17 @@ from .._spec import (  # noqa: E402
     seed_dims,
 )
 from ..torch.kernel import backward_block, forward_block  # noqa: E402
-from ._plan import Block, block_config, check_layout, step_block, zigzag_permutation  # noqa: E402
+from ._plan import (  # noqa: E402
+    Block,
+    block_config,
+    check_layout,
+    check_ulysses_keywords,
+    step_block,
+    ulysses_repeat,
+    zigzag_permutation,
+)
 
-__all__ = ["from_zigzag", "ring_attention", "to_zigzag"]
+__all__ = ["from_zigzag", "ring_attention", "to_zigzag", "ulysses_attention"]
 
 _NEG_INF = float("-inf")
 _KV_TAG, _GRAD_TAG = 0, 1
@@ -324,3 +332,86 @@ def from_zigzag(x: torch.Tensor, world: int, *, dim: int = -3) -> torch.Tensor:
     """
     idx = torch.as_tensor(zigzag_permutation(x.shape[dim], world).argsort(), device=x.device)
     return x.index_select(dim, idx)
+
+
+def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    parts = [t.contiguous() for t in x.chunk(world, dim=scatter_dim)]
+    outs = [torch.empty_like(parts[0]) for _ in range(world)]
+    dist.all_to_all(outs, parts, group=group)
+    return torch.cat(outs, dim=gather_dim)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Scatter ``scatter_dim`` over the group, gather the pieces along ``gather_dim``; its
+    backward is the inverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x, group, scatter_dim: int, gather_dim: int):
+        ctx.group, ctx.dims = group, (scatter_dim, gather_dim)
+        return _all_to_all(x, group, scatter_dim, gather_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scatter_dim, gather_dim = ctx.dims
+        return _all_to_all(grad, ctx.group, gather_dim, scatter_dim), None, None, None
+
+
+def ulysses_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    query_segment_ids: torch.Tensor | None = None,
+    key_segment_ids: torch.Tensor | None = None,
+    **kernel_arguments,
+):
+    """Exact attention over a sequence sharded over the ranks of ``group`` by all-to-all over
+    heads (DeepSpeed-Ulysses); the same as ``distributed.jax.ulysses_attention``.
+
+    Each rank holds a contiguous part of the sequence, ``[B..., L/W, H, D]`` (rank ``r`` positions
+    ``[r*L/W, (r+1)*L/W)``). One all-to-all gives every rank the whole sequence for ``H/W`` heads,
+    the kernel attends with every structured mask of the whole sequence, and one all-to-all brings
+    the output back, ``[B..., L/W, H, E]``; the backward exchanges the gradients the same way.
+
+    Args:
+      query, key, value: the local shards ``[B..., L/W, H, D]``, ``[B..., S/W, K, D]``,
+        ``[B..., S/W, K, E]``; ``H`` a multiple of ``W``; ``K`` a multiple or a divisor of ``W``
+        (fewer key/value heads than ranks are repeated).
+      group: the process group (default: the whole world).
+      query_segment_ids, key_segment_ids: local shards ``[B..., L/W]`` / ``[B..., S/W]``.
+      kernel_arguments: ``scale``, ``is_causal``, ``causal_alignment``, ``local_window_size``,
+        ``query_seq_lengths``, ``key_value_seq_lengths`` (global, ``[B...]``), ``logits_soft_cap``,
+        the chunk sizes, ``memory_budget``, ``engine``, ``return_lse`` (the lse sharded like the
+        output, ``[B..., L/W, H]``).
+    """
+    from ..torch import efficient_dot_product_attention
+
+    check_ulysses_keywords(kernel_arguments, extra=("engine",))
+    if not dist.is_initialized():
+        raise RuntimeError("ulysses_attention needs torch.distributed initialised (init_process_group)")
+    world = dist.get_world_size(group)
+    repeat = ulysses_repeat(query.shape, key.shape, world, "ranks")
+    if repeat > 1:
+        key, value = (x.repeat_interleave(repeat, dim=-2) for x in (key, value))
+
+    def to_heads(x):  # [B..., n/W, X, ...] -> [B..., n, X/W, ...]
+        return _AllToAll.apply(x, group, x.dim() - 2, x.dim() - 3)
+
+    def gather(ids):
+        if ids is None:
+            return None
+        parts = [torch.empty_like(ids) for _ in range(world)]
+        dist.all_gather(parts, ids.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    result = efficient_dot_product_attention(
+        to_heads(query), to_heads(key), to_heads(value), query_segment_ids=gather(query_segment_ids),
+        key_segment_ids=gather(key_segment_ids), **kernel_arguments,
+    )  # fmt: skip
+    if kernel_arguments.get("return_lse"):
+        out, lse = result
+        return (_AllToAll.apply(out, group, out.dim() - 3, out.dim() - 2),
+                _AllToAll.apply(lse, group, lse.dim() - 2, lse.dim() - 1))  # fmt: skip
+    return _AllToAll.apply(result, group, result.dim() - 3, result.dim() - 2)
