@@ -173,3 +173,17 @@ def ulysses_repeat(q_shape, k_shape, world: int, where: str) -> int:
             f"multiple or a divisor of the {world} {where}"
         )
     return world // kv_heads
+
+
+def ulysses_flow(attention, to_heads, to_sequence, gather, query, key, value, q_ids, k_ids, kernel_arguments):
+    """The Ulysses steps, framework-neutral: heads for sequence (``to_heads``), attention over the
+    whole sequence with the gathered segment ids, sequence back (``to_sequence(x, seq_axis)``)
+    for the output ``[B..., n, H/W, E]`` and, with ``return_lse``, the lse ``[B..., n, H/W]``."""
+    result = attention(
+        to_heads(query), to_heads(key), to_heads(value), query_segment_ids=gather(q_ids),
+        key_segment_ids=gather(k_ids), **kernel_arguments,
+    )  # fmt: skip
+    if kernel_arguments.get("return_lse"):
+        out, lse = result
+        return to_sequence(out, out.ndim - 3), to_sequence(lse, lse.ndim - 2)
+    return to_sequence(result, result.ndim - 3)

@@ -46,6 +46,7 @@ from ._plan import (  # noqa: E402
     check_ulysses_keywords,
     relations,
     step_block,
+    ulysses_flow,
     ulysses_repeat,
     zigzag_permutation,
 )
@@ -511,11 +512,5 @@ def ulysses_attention(
     def gather(ids):
         return None if ids is None else lax.all_gather(ids, axis_name, axis=ids.ndim - 1, tiled=True)
 
-    result = efficient_dot_product_attention(
-        to_heads(query), to_heads(key), to_heads(value), query_segment_ids=gather(query_segment_ids),
-        key_segment_ids=gather(key_segment_ids), **kernel_arguments,
-    )  # fmt: skip
-    if kernel_arguments.get("return_lse"):
-        out, lse = result
-        return to_sequence(out, out.ndim - 3), to_sequence(lse, lse.ndim - 2)
-    return to_sequence(result, result.ndim - 3)
+    return ulysses_flow(efficient_dot_product_attention, to_heads, to_sequence, gather, query, key, value,
+                        query_segment_ids, key_segment_ids, kernel_arguments)  # fmt: skip

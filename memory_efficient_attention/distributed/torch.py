@@ -42,6 +42,7 @@ from ._plan import (  # noqa: E402
     check_layout,
     check_ulysses_keywords,
     step_block,
+    ulysses_flow,
     ulysses_repeat,
     zigzag_permutation,
 )
@@ -406,12 +407,8 @@ def ulysses_attention(
         dist.all_gather(parts, ids.contiguous(), group=group)
         return torch.cat(parts, dim=-1)
 
-    result = efficient_dot_product_attention(
-        to_heads(query), to_heads(key), to_heads(value), query_segment_ids=gather(query_segment_ids),
-        key_segment_ids=gather(key_segment_ids), **kernel_arguments,
-    )  # fmt: skip
-    if kernel_arguments.get("return_lse"):
-        out, lse = result
-        return (_AllToAll.apply(out, group, out.dim() - 3, out.dim() - 2),
-                _AllToAll.apply(lse, group, lse.dim() - 2, lse.dim() - 1))  # fmt: skip
-    return _AllToAll.apply(result, group, result.dim() - 3, result.dim() - 2)
+    def to_sequence(x, seq_axis):
+        return _AllToAll.apply(x, group, seq_axis, seq_axis + 1)
+
+    return ulysses_flow(efficient_dot_product_attention, to_heads, to_sequence, gather, query, key, value,
+                        query_segment_ids, key_segment_ids, kernel_arguments)  # fmt: skip
