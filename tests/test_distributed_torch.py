@@ -79,6 +79,23 @@ def _ulysses_subtest(rank: int, world: int, kwargs: dict, kv_heads: int, segment
     return errors + [(g - shard(r)).abs().max().item() for g, r in zip(grads, ref_grads)]
 
 
+def _bf16_ratio(rank: int, world: int) -> float:
+    """This rank's mean bfloat16 error in the ring over the single process's (same rows)."""
+    from memory_efficient_attention.distributed.torch import ring_attention
+    from memory_efficient_attention.torch import efficient_dot_product_attention
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 96 * world, 4, 16, generator=gen).bfloat16() for _ in range(3))
+    exact = efficient_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    one = efficient_dot_product_attention(q, k, v, is_causal=True)
+    local = [x.chunk(world, dim=1)[rank] for x in (q, k, v)]
+    ring = ring_attention(*local, is_causal=True)
+    mine = exact.chunk(world, dim=1)[rank]
+    return (
+        (ring.double() - mine).abs().mean() / (one.chunk(world, dim=1)[rank].double() - mine).abs().mean()
+    ).item()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -135,6 +152,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
             except Exception as err:
                 results[name] = f"{type(err).__name__}: {err}"
                 raise
+        results["bf16-error-ratio"] = [_bf16_ratio(rank, world)]
         # A subgroup of two ranks forms its own ring (the others skip it, as collectives require).
         sub = dist.new_group([0, 1])
         if rank in (0, 1):
@@ -171,6 +189,12 @@ def ring_results(tmp_path_factory):
         with open(os.path.join(folder, f"rank{rank}.json")) as f:
             results.append(json.load(f))
     return results
+
+
+def test_bf16_ring_error_does_not_grow_with_ranks(ring_results):
+    for rank in range(WORLD):
+        (ratio,) = ring_results[rank]["bf16-error-ratio"]
+        assert ratio < 1.02, f"rank {rank}: bfloat16 ring error {ratio:.3f}x the single process's"
 
 
 @pytest.mark.parametrize("name", [s[0] for s in SUBTESTS + ULYSSES_SUBTESTS] + ["subgroup"])

@@ -94,6 +94,15 @@ SCRIPT = textwrap.dedent(
             assert np.array_equal(np.isfinite(a), fin)
             errs.append(float(np.abs(a[fin] - b[fin]).max()) if fin.any() else 0.0)
         results[name] = errs
+    # bfloat16: the ring merges unrounded partial results, so its error is the single device's
+    from memory_efficient_attention.distributed.jax import ring_attention_sharded
+    rng = np.random.default_rng(5)
+    qb, kb, vb = (jnp.asarray(rng.standard_normal((1, 256, 4, 16)), jnp.bfloat16) for _ in range(3))
+    exact = efficient_dot_product_attention(*(x.astype(jnp.float64) for x in (qb, kb, vb)), is_causal=True)
+    one = efficient_dot_product_attention(qb, kb, vb, is_causal=True)
+    ring = ring_attention_sharded(qb, kb, vb, mesh, "seq", is_causal=True, layout="zigzag")
+    err = lambda x: float(jnp.abs(x.astype(jnp.float64) - exact).mean())
+    results["bf16 ring / one device mean error"] = err(ring) / err(one)
     print("RESULTS", json.dumps(results))
     """
 )
@@ -122,3 +131,8 @@ def test_ulysses_argument_checks():
         ulysses_attention(x, x, x, axis_name="seq")
     with pytest.raises(TypeError, match="unexpected keyword arguments \\['mask'\\]"):
         ulysses_attention(x, x, x, axis_name="seq", mask=None)
+
+
+def test_bf16_ring_error_does_not_grow_with_devices(ulysses_results):
+    ratio = ulysses_results["bf16 ring / one device mean error"]
+    assert ratio < 1.02, f"bfloat16 ring on 8 devices: mean error {ratio:.3f}x one device's"

@@ -127,7 +127,11 @@ def _block_forward(ring: _Ring, relation: str, q, k, v):
     blk = ring.block(relation)
     if blk is None:
         return out, lse
-    q_b, k_b, v_b = q[:, blk.q0 : blk.q1], k[:, blk.k0 : blk.k1], v[:, blk.k0 : blk.k1]
+    # In the compute dtype: a block's output is merged unrounded (rounding each partial result to
+    # bfloat16 made the error grow with the number of devices), and rounded once at the end.
+    q_b, k_b, v_b = (
+        x.astype(cdt) for x in (q[:, blk.q0 : blk.q1], k[:, blk.k0 : blk.k1], v[:, blk.k0 : blk.k1])
+    )
     o, lse_b = forward_block(ring.config(blk), q_b, k_b, v_b, precision=ring.precision)
     out = out.at[:, blk.q0 : blk.q1].set(o.astype(cdt))
     return out, lse.at[:, blk.q0 : blk.q1].set(lse_b.astype(cdt))

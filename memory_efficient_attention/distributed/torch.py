@@ -134,7 +134,10 @@ def _wait(works) -> None:
 def _merge_block(ring: _Ring, blk: Block, out, lse, q, k, v) -> None:
     """Attend the block's rows to its keys and merge the result into ``(out, lse)`` in place,
     through the log-sum-exp (rows empty on both sides stay ``(0, -inf)``: no ``-inf - -inf``)."""
-    q_b, k_b, v_b = q[:, :, blk.q0 : blk.q1], k[:, :, blk.k0 : blk.k1], v[:, :, blk.k0 : blk.k1]
+    # In the compute dtype: each block's output is merged unrounded and rounded once at the end
+    # (rounding partial results to bfloat16 made the error grow with the number of ranks).
+    blocks = (q[:, :, blk.q0 : blk.q1], k[:, :, blk.k0 : blk.k1], v[:, :, blk.k0 : blk.k1])
+    q_b, k_b, v_b = (x.to(ring.compute_dtype) for x in blocks)
     o_b, lse_b = forward_block(ring.config(blk, q.device), q_b, k_b, v_b)
     o_acc, l_acc = out[:, :, blk.q0 : blk.q1], lse[:, :, blk.q0 : blk.q1]
     w_acc, w_b, new = lse_merge_weights(torch, l_acc, lse_b)
