@@ -122,16 +122,51 @@ def test_ring_on_eight_devices(ring_results, name):
 
 
 def test_layout_validation():
-    from memory_efficient_attention.distributed._plan import check_layout, step_block
+    from memory_efficient_attention.distributed._plan import check_layout
 
     with pytest.raises(AttentionInputError, match="layout must be one of"):
         check_layout("ring", is_causal=False, q_len=4, kv_len=4, world=2)
     with pytest.raises(AttentionInputError, match="even"):
         check_layout("zigzag", is_causal=True, q_len=5, kv_len=5, world=2)
-    with pytest.raises(AttentionInputError, match="sharded alike"):
-        check_layout("contiguous", is_causal=True, q_len=4, kv_len=6, world=2)
-    assert step_block("contiguous", "after", 6, 6, is_causal=True) is None
-    assert step_block("zigzag", "after", 6, 6, is_causal=True).q0 == 3
+
+
+def test_schedule_skips_what_the_mask_leaves_empty():
+    from memory_efficient_attention.distributed._plan import RingMask, RingSchedule
+
+    causal = RingSchedule.build(RingMask(12, 12, causal=True), "contiguous", 2, 6, 6)
+    assert causal.blocks(0, 1) == ()  # contiguous: device 0 never needs device 1's keys
+    assert causal.blocks(1, 0)[0].structure.causal is False  # a full block, no mask work
+    zigzag = RingSchedule.build(RingMask(12, 12, causal=True), "zigzag", 2, 6, 6)
+    # Device 0 holds chunks 0 and 3, device 1 chunks 1 and 2: chunk 3 sees both, in one call.
+    (blk,) = zigzag.blocks(0, 1)
+    assert (blk.q0, blk.q1, blk.k0, blk.k1) == (3, 6, 0, 6)
+    (blk,) = zigzag.blocks(1, 0)  # chunks 1 and 2 see chunk 0 (chunk 3 comes after them)
+    assert (blk.q0, blk.q1, blk.k0, blk.k1) == (0, 6, 0, 3)
+    # A window of 5 keys over shards of 12 on 8 devices: two ring steps, not eight.
+    window = RingSchedule.build(RingMask(96, 96, window=(5, 0)), "contiguous", 8, 12, 12)
+    assert window.steps == 2
+    assert RingSchedule.build(RingMask(96, 96, window=(13, 0)), "contiguous", 8, 12, 12).steps == 3
+    # Work that is the same for every pair of devices is one branch (plus "nothing").
+    assert len(RingSchedule.build(RingMask(96, 96), "zigzag", 8, 12, 12).branches) == 2
+
+
+def test_ring_argument_checks():
+    import numpy as np
+
+    from memory_efficient_attention._spec import seed_dims
+    from memory_efficient_attention.distributed._plan import ring_plan
+
+    dims = seed_dims((2, 6, 4, 8), (2, 6, 2, 8), (2, 6, 2, 8))
+    with pytest.raises(AttentionInputError, match="variant must be one of"):
+        ring_plan(dims, "float32", world=2, layout="contiguous", variant="tree")
+    with pytest.raises(
+        AttentionInputError, match=r"query_segment_ids has shape \(2, 12\), but needs \(2, 6\)"
+    ):
+        ring_plan(dims, "float32", world=2, layout="contiguous", variant="ring",
+                  query_segment_ids=np.zeros((2, 12)), key_segment_ids=np.zeros((2, 6)))  # fmt: skip
+    with pytest.raises(AttentionInputError, match="local_window_size"):
+        ring_plan(dims, "float32", world=2, layout="contiguous", variant="ring",
+                  local_window_size="wide")  # fmt: skip
 
 
 def test_outside_shard_map_is_an_input_error():

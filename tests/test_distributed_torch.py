@@ -17,6 +17,8 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from memory_efficient_attention import AttentionInputError  # noqa: E402
 
+from .ring_cases import CASES as MASK_CASES  # noqa: E402
+
 WORLD = 3
 TOL = 1e-10  # float64
 
@@ -134,6 +136,37 @@ def _subtest(rank: int, world: int, is_causal: bool, layout: str, lq: int, lk: i
     return errors
 
 
+def _mask_subtest(rank: int, world: int, variant, layout, options, q_factor, lengths, segments):
+    """Max abs errors of this rank's shards against the float64 dense reference of the global
+    positions (``ring_cases``): every structured mask, both variants and layouts."""
+    from memory_efficient_attention.distributed.torch import ring_attention, to_zigzag
+
+    from .ring_cases import dense, inputs, keep_mask
+
+    arrays, ints = inputs(world, 12, q_factor, lengths, segments)
+    q, k, v, d_out = (torch.as_tensor(arrays[x]) for x in ("q", "k", "v", "d_out"))
+    keep = torch.as_tensor(keep_mask(options, q.shape[1], k.shape[1], ints))
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    ref = dense(torch, *leaves, keep, options.get("logits_soft_cap"))
+    ref_grads = torch.autograd.grad(ref, leaves, d_out)
+
+    def shard(x, dim=-3):
+        x = to_zigzag(x, world, dim=dim) if layout == "zigzag" else x
+        return x.chunk(world, dim=dim)[rank]
+
+    given = {n: torch.as_tensor(x) for n, x in ints.items()}
+    for name in ("query_segment_ids", "key_segment_ids"):
+        if name in given:
+            given[name] = shard(given[name], dim=-1)
+    local = [shard(x).clone().requires_grad_(True) for x in (q, k, v)]
+    out = ring_attention(
+        *local, layout=layout, variant=variant, query_chunk_size=8, key_chunk_size=8, **options, **given
+    )
+    grads = torch.autograd.grad(out, local, shard(d_out))
+    errors = [(out - shard(ref)).abs().max().item()]
+    return errors + [(g - shard(r)).abs().max().item() for g, r in zip(grads, ref_grads)]
+
+
 def _worker(rank: int, world: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -149,6 +182,12 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         for name, kwargs, kv_heads, segments in ULYSSES_SUBTESTS:
             try:
                 results[name] = _ulysses_subtest(rank, world, kwargs, kv_heads, segments)
+            except Exception as err:
+                results[name] = f"{type(err).__name__}: {err}"
+                raise
+        for name, *args in MASK_CASES:
+            try:
+                results[name] = _mask_subtest(rank, world, *args)
             except Exception as err:
                 results[name] = f"{type(err).__name__}: {err}"
                 raise
@@ -197,7 +236,7 @@ def test_bf16_ring_error_does_not_grow_with_ranks(ring_results):
         assert ratio < 1.02, f"rank {rank}: bfloat16 ring error {ratio:.3f}x the single process's"
 
 
-@pytest.mark.parametrize("name", [s[0] for s in SUBTESTS + ULYSSES_SUBTESTS] + ["subgroup"])
+@pytest.mark.parametrize("name", [s[0] for s in SUBTESTS + ULYSSES_SUBTESTS + MASK_CASES] + ["subgroup"])
 def test_ring_matches_single_process(ring_results, name):
     ranks = (0, 1) if name == "subgroup" else range(WORLD)
     for rank in ranks:

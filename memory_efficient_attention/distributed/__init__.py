@@ -1,10 +1,13 @@
-"""Ring attention across devices: the sequence is sharded, key/value shards travel around a ring
-of devices, and each device runs the chunked kernel on its block (Liu et al., 2023).
+"""Attention across devices: the sequence is sharded; ring attention (Liu et al., 2023) sends
+key/value shards around a ring of devices (or gathers them once: ``variant="allgather"``) while
+each device runs the chunked kernel on its blocks, with every structured mask; Ulysses exchanges
+heads for sequence with all-to-alls.
 
-* ``memory_efficient_attention.distributed.jax``: ``ring_attention`` inside ``jax.shard_map``,
-  ``ring_attention_sharded`` on global arrays and a mesh, ``to_zigzag`` / ``from_zigzag``.
-* ``memory_efficient_attention.distributed.torch``: ``ring_attention`` on each rank's shard over
-  ``torch.distributed`` point-to-point (gloo on CPU, NCCL on CUDA), ``to_zigzag`` /
+* ``memory_efficient_attention.distributed.jax``: ``ring_attention`` and ``ulysses_attention``
+  inside ``jax.shard_map``, ``ring_attention_sharded`` on global arrays and a mesh,
+  ``to_zigzag`` / ``from_zigzag``.
+* ``memory_efficient_attention.distributed.torch``: ``ring_attention`` and ``ulysses_attention``
+  on each rank's shard over ``torch.distributed`` (gloo on CPU, NCCL on CUDA), ``to_zigzag`` /
   ``from_zigzag``.
 
 Importing this package imports neither framework; each submodule loads on first use::

@@ -10,44 +10,47 @@ Layouts of a sequence of global length ``W * n`` over ``W`` devices:
 * ``"zigzag"``: the sequence is cut into ``2W`` chunks of ``n/2``; device ``r`` holds chunks ``r``
   and ``2W-1-r`` (in that order), so with a causal mask every device has the same work.
 
-At ring step ``t`` device ``r`` holds the key/value shard of device ``s = (r - t) mod W``. Under a
-causal mask the pair is one of three *relations*: ``"same"`` (``t == 0``), ``"before"`` (the keys'
-device precedes ``r``: ``s < r``) or ``"after"`` (``s > r``). Each relation needs at most one
-rectangular block of attention (``step_block``), with no mask or a top-left causal mask.
+A device's shard is one or two *pieces* (runs of consecutive global positions, ``shard_pieces``).
+At ring step ``t`` device ``r`` holds the key/value shard of device ``s = (r - t) mod W`` (the
+all-gather variant holds every shard at once). The work of ``r`` against ``s`` is one block per
+pair of pieces the mask does not leave empty (``pair_blocks``), each a plain kernel call whose
+structured mask is the global one seen from the pieces' starts. ``RingSchedule`` lists the
+distinct kinds of work (the branches a traced ring switches between), which one each pair of
+devices does, and how many ring steps hold any work.
+
+Example: causal attention over 2 devices holding 4 positions each::
+
+    >>> s = RingSchedule.build(RingMask(8, 8, causal=True), "contiguous", 2, 4, 4)
+    >>> [len(s.blocks(1, src)) for src in (0, 1)]  # device 1: a full block, a diagonal block
+    [1, 1]
+    >>> s.blocks(0, 1)  # device 0 never needs device 1's keys
+    ()
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
+from .._masks import EMPTY, FULL, StructuredMask, alignment_offset
 from .._spec import AttentionInputError, describe
 
-__all__ = ["LAYOUTS", "RELATIONS", "Block", "check_layout", "step_block", "zigzag_permutation"]
+__all__ = [
+    "LAYOUTS",
+    "PieceBlock",
+    "RingMask",
+    "RingSchedule",
+    "block_arrays",
+    "block_config",
+    "check_layout",
+    "pair_blocks",
+    "shard_pieces",
+    "zigzag_permutation",
+]
 
 LAYOUTS = ("contiguous", "zigzag")
-RELATIONS = ("same", "before", "after")
-
-
-@dataclass(frozen=True)
-class Block:
-    """Local query rows ``[q0, q1)`` attend to local key rows ``[k0, k1)`` of the travelling
-    shard, with a top-left causal mask if ``causal`` (else no mask)."""
-
-    q0: int
-    q1: int
-    k0: int
-    k1: int
-    causal: bool
-
-    @property
-    def q_len(self) -> int:
-        return self.q1 - self.q0
-
-    @property
-    def kv_len(self) -> int:
-        return self.k1 - self.k0
 
 
 def check_layout(layout: str, *, is_causal: bool, q_len: int, kv_len: int, world: int) -> None:
@@ -58,11 +61,6 @@ def check_layout(layout: str, *, is_causal: bool, q_len: int, kv_len: int, world
         raise AttentionInputError(f"is_causal must be a bool, got {is_causal!r}")
     if world < 1:
         raise AttentionInputError(f"the ring needs at least one device, got {world}")
-    if is_causal and q_len != kv_len:
-        raise AttentionInputError(
-            f"is_causal=True needs query and key/value sharded alike: the local query length is "
-            f"{q_len} but the local key/value length is {kv_len}"
-        )
     if layout == "zigzag" and (q_len % 2 or kv_len % 2):
         raise AttentionInputError(
             f"layout='zigzag' holds two chunks per device, so local lengths must be even; got query "
@@ -70,39 +68,189 @@ def check_layout(layout: str, *, is_causal: bool, q_len: int, kv_len: int, world
         )
 
 
-def step_block(layout: str, relation: str, q_len: int, kv_len: int, *, is_causal: bool) -> Block | None:
-    """The block of one ring step, or None when the keys' shard is entirely masked out.
+@dataclass(frozen=True)
+class RingMask:
+    """The structured mask of a ring call over the *global* sequence (static; hashable).
 
-    Without a causal mask every step is one full block. With one (``q_len == kv_len == n``):
-
-    ========== ============================== ====================================
-    relation   contiguous                     zigzag (chunks of ``h = n/2``)
-    ========== ============================== ====================================
-    same       causal ``[0, n) x [0, n)``     causal ``[0, n) x [0, n)``
-    before     full ``[0, n) x [0, n)``       full ``[0, n) x [0, h)`` (first chunk)
-    after      None                           full ``[h, n) x [0, n)`` (second chunk)
-    ========== ============================== ====================================
-
-    (Zigzag ``same``: the local positions increase, so the four chunk pairs diagonal / empty /
-    full / diagonal are exactly one top-left causal block.)
+    ``q_global``/``kv_global``: the global lengths ``N``/``M``; ``causal``, ``window``
+    (``(left, right)``) and ``alignment`` with the kernel's meaning on global positions;
+    ``q_lengths``, ``kv_lengths``, ``segments``: whether the call has global sequence lengths or
+    segment ids (dynamic parts: the kernel evaluates them in each block and skips the chunks
+    they leave empty).
     """
-    if relation not in RELATIONS:
-        raise ValueError(f"relation must be one of {RELATIONS}, got {relation!r}")
-    if not is_causal:
-        return Block(0, q_len, 0, kv_len, False)
-    n, h = q_len, q_len // 2
-    if relation == "same":
-        return Block(0, n, 0, n, True)
+
+    q_global: int
+    kv_global: int
+    causal: bool = False
+    window: tuple[int, int] | None = None
+    alignment: str = "top_left"
+    q_lengths: bool = False
+    kv_lengths: bool = False
+    segments: bool = False
+
+    @property
+    def offset(self) -> int:
+        return alignment_offset(self.alignment, self.q_global, self.kv_global)
+
+
+def shard_pieces(layout: str, world: int, rank: int, length: int) -> tuple[tuple[int, int, int], ...]:
+    """The runs of consecutive global positions device ``rank`` holds (local length
+    ``length``): ``(global start, local start, size)`` of each; one for ``"contiguous"``, two
+    for ``"zigzag"``.
+
+    >>> shard_pieces("zigzag", 2, 0, 4)  # chunks 0 and 3 of a sequence of 8
+    ((0, 0, 2), (6, 2, 2))
+    """
     if layout == "contiguous":
-        return Block(0, n, 0, n, False) if relation == "before" else None
-    return Block(0, n, 0, h, False) if relation == "before" else Block(h, n, 0, n, False)
+        return ((rank * length, 0, length),)
+    h = length // 2
+    return ((rank * h, 0, h), ((2 * world - 1 - rank) * h, h, h))
 
 
-def relations(is_causal: bool, world: int) -> tuple[str, ...]:
-    """The relations a ring of ``world`` devices meets (the branches a traced ring needs)."""
-    if not is_causal:
-        return ("same",)
-    return RELATIONS if world > 1 else ("same",)
+@dataclass(frozen=True)
+class PieceBlock:
+    """Local query rows ``[q0, q1)`` (query piece ``qp``) against local keys ``[k0, k1)`` (key
+    piece ``kp``) of a shard, under ``structure`` (local positions, the diagonal offset taken
+    from the pieces' global starts). Global starts are not part of it, so that equal work
+    compares equal; ``RingSchedule`` keeps them."""
+
+    qp: int
+    kp: int
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    structure: StructuredMask
+
+
+def pair_blocks(mask: RingMask, layout: str, world: int, rank: int, source: int, q_len: int, kv_len: int):
+    """The blocks of device ``rank``'s queries against device ``source``'s keys: one per pair of
+    pieces the static mask does not leave empty. A block the static mask keeps whole gets no
+    static mask (no causal, no window), so such blocks compare equal whatever their distance."""
+    blocks = []
+    for qp, (gq, lq, nq) in enumerate(shard_pieces(layout, world, rank, q_len)):
+        for kp, (gk, lk, nk) in enumerate(shard_pieces(layout, world, source, kv_len)):
+            static = StructuredMask(nq, nk, mask.causal, mask.window, gq - gk + mask.offset)
+            kind = static.block_kind(0, nq, 0, nk)
+            if kind == EMPTY or nq == 0 or nk == 0:
+                continue
+            if kind == FULL:
+                static = StructuredMask(nq, nk)
+            structure = dataclasses.replace(
+                static, q_lengths=mask.q_lengths, kv_lengths=mask.kv_lengths, segments=mask.segments
+            )
+            blocks.append(PieceBlock(qp, kp, lq, lq + nq, lk, lk + nk, structure))
+    return _merge_full(blocks, mask)
+
+
+def _merge_full(blocks: list[PieceBlock], mask: RingMask) -> tuple[PieceBlock, ...]:
+    """Join two blocks without a static mask that are adjacent in the local layout (same rows
+    and consecutive keys, or the other way round) into one kernel call, unless lengths need
+    the pieces apart (they are clipped per piece)."""
+    merged = True
+    while merged:
+        merged = False
+        for a in range(len(blocks)):
+            for b in range(len(blocks)):
+                x, y = blocks[a], blocks[b]
+                if a == b or x.structure.static or y.structure.static:
+                    continue
+                keys = (x.q0, x.q1) == (y.q0, y.q1) and x.k1 == y.k0 and not mask.kv_lengths
+                rows = (x.k0, x.k1) == (y.k0, y.k1) and x.q1 == y.q0 and not mask.q_lengths
+                if keys or rows:
+                    q1, k1 = (x.q1, y.k1) if keys else (y.q1, x.k1)
+                    st = dataclasses.replace(x.structure, q_len=q1 - x.q0, kv_len=k1 - x.k0)
+                    join = PieceBlock(x.qp, x.kp, x.q0, q1, x.k0, k1, st)
+                    blocks = [join] + [c for i, c in enumerate(blocks) if i not in (a, b)]
+                    merged = True
+                    break
+            if merged:
+                break
+    return tuple(sorted(blocks, key=lambda c: (c.q0, c.k0)))
+
+
+@dataclass(frozen=True)
+class RingSchedule:
+    """Which work each device does against each device's shard.
+
+    ``branches[b]``: the blocks of one kind of step (``branches[0] == ()``: nothing to do);
+    ``table[rank][source]``: the branch of device ``rank`` against device ``source``'s keys
+    (a traced ring switches on it); ``steps``: the ring steps that hold any work (trailing steps
+    where every device meets a masked-out shard are not run: no transfer, no compute);
+    ``q_starts[rank][piece]`` / ``kv_starts``: the pieces' global starts.
+    """
+
+    branches: tuple[tuple[PieceBlock, ...], ...]
+    table: tuple[tuple[int, ...], ...]
+    steps: int
+    q_starts: tuple[tuple[int, ...], ...]
+    kv_starts: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def build(cls, mask: RingMask, layout: str, world: int, q_len: int, kv_len: int) -> RingSchedule:
+        """The schedule of ``world`` devices with local lengths ``q_len``/``kv_len``.
+
+        >>> s = RingSchedule.build(RingMask(8, 8, causal=True), "contiguous", 2, 4, 4)
+        >>> s.table, s.steps, len(s.branches)  # branches: nothing, diagonal, full
+        (((1, 0), (2, 1)), 2, 3)
+        >>> w = RingSchedule.build(RingMask(32, 32, window=(3, 0)), "contiguous", 4, 8, 8)
+        >>> w.steps  # each device needs its own shard and the previous one's: two steps of four
+        2
+        """
+        branches: dict[tuple[PieceBlock, ...], int] = {(): 0}
+        table = tuple(
+            tuple(
+                branches.setdefault(pair_blocks(mask, layout, world, r, s, q_len, kv_len), len(branches))
+                for s in range(world)
+            )
+            for r in range(world)
+        )
+        busy = [t for t in range(world) if any(table[r][(r - t) % world] for r in range(world))]
+        q_starts, kv_starts = (
+            tuple(tuple(g for g, _, _ in shard_pieces(layout, world, r, n)) for r in range(world))
+            for n in (q_len, kv_len)
+        )
+        return cls(tuple(branches), table, busy[-1] + 1 if busy else 1, q_starts, kv_starts)
+
+    def blocks(self, rank: int, source: int) -> tuple[PieceBlock, ...]:
+        return self.branches[self.table[rank][source]]
+
+
+def block_config(dims, dtype: str, blk: PieceBlock, options, *, device: str):
+    """The kernel configuration of one block: the local shapes with the block's lengths, the
+    call's options (scale, chunk sizes, soft cap) and the block's structured mask."""
+    from .._config import ArrayShapes, make_config
+
+    st = blk.structure
+    batch = tuple(dims.batch)
+    shapes = ArrayShapes(
+        q_lengths=batch if st.q_lengths else None,
+        kv_lengths=batch if st.kv_lengths else None,
+        q_segments=(*batch, st.q_len) if st.segments else None,
+        kv_segments=(*batch, st.kv_len) if st.segments else None,
+    )
+    block_dims = dataclasses.replace(dims, q_len=st.q_len, kv_len=st.kv_len)
+    cfg = make_config(block_dims, dtype, options, device, shapes)
+    return dataclasses.replace(cfg, structure=st)
+
+
+def block_arrays(schedule: RingSchedule, blk: PieceBlock, rank, source, arrays: dict, xp) -> dict:
+    """The block's dynamic operands (kernel names) from the call's: the pieces' local lengths
+    (``clip(global length - piece start, 0, size)``) and slices of the segment ids ``[Z, n]``.
+    ``rank``/``source`` may be traced (then ``xp`` indexes the start tables)."""
+    st, out = blk.structure, {}
+    for name, starts, piece, size in (
+        ("q_lengths", schedule.q_starts, blk.qp, st.q_len),
+        ("kv_lengths", schedule.kv_starts, blk.kp, st.kv_len),
+    ):
+        if arrays.get(name) is not None:
+            who = rank if name == "q_lengths" else source
+            start = starts[who][piece] if isinstance(who, int) else xp.asarray(starts)[who, piece]
+            out[name] = xp.clip(arrays[name] - start, 0, size)
+    if arrays.get("q_segments") is not None:
+        out["q_segments"] = arrays["q_segments"][:, blk.q0 : blk.q1]
+        out["kv_segments"] = arrays["kv_segments"][:, blk.k0 : blk.k1]
+    return out
 
 
 def zigzag_permutation(length: int, world: int) -> np.ndarray:
@@ -122,19 +270,6 @@ def zigzag_permutation(length: int, world: int) -> np.ndarray:
     chunks = np.arange(length).reshape(2 * world, length // (2 * world))
     order = [c for r in range(world) for c in (r, 2 * world - 1 - r)]
     return chunks[order].reshape(-1)
-
-
-def block_config(dims, dtype: str, blk: Block, *, scale, query_chunk_size, key_chunk_size, device: str):
-    """The kernel configuration of one ring block: the local shapes with the block's lengths and,
-    for a diagonal block, a top-left causal mask."""
-    import dataclasses
-
-    from .._config import CallOptions, make_config
-
-    options = CallOptions(
-        scale=scale, query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, is_causal=blk.causal
-    )
-    return make_config(dataclasses.replace(dims, q_len=blk.q_len, kv_len=blk.kv_len), dtype, options, device)
 
 
 # The kernel arguments Ulysses passes on (with the global sequence's meaning), in both frameworks.
@@ -187,3 +322,42 @@ def ulysses_flow(attention, to_heads, to_sequence, gather, query, key, value, q_
         out, lse = result
         return to_sequence(out, out.ndim - 3), to_sequence(lse, lse.ndim - 2)
     return to_sequence(result, result.ndim - 3)
+
+
+VARIANTS = ("ring", "allgather")
+
+
+def ring_plan(dims, dtype: str, *, world: int, layout: str, variant: str, **keywords):
+    """Validate a ring call and plan it: ``(RingSchedule, CallOptions, CallArrays)``.
+
+    ``dims``: the local shapes; ``keywords``: the ring's mask and kernel keywords as the public
+    functions name them (global lengths ``[B...]``, local segment ids, scale, soft cap, chunk
+    sizes)."""
+    from .._config import make_config, split_arguments
+
+    if variant not in VARIANTS:
+        raise AttentionInputError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    options, arrays, rest = split_arguments(keywords)
+    if rest:
+        raise TypeError(f"ring_attention got unexpected keyword arguments {sorted(rest)}")
+    check_layout(layout, is_causal=options.is_causal, q_len=dims.q_len, kv_len=dims.kv_len, world=world)
+    shapes = arrays.shapes()
+    make_config(dims, dtype, options, "cpu", shapes)  # the arrays' shapes against the local ones
+    mask = RingMask(
+        world * dims.q_len, world * dims.kv_len, options.is_causal, options.local_window_size,
+        options.causal_alignment, shapes.q_lengths is not None, shapes.kv_lengths is not None,
+        shapes.q_segments is not None,
+    )  # fmt: skip
+    return RingSchedule.build(mask, layout, world, dims.q_len, dims.kv_len), options, arrays
+
+
+def ring_ints(arrays, dims, flat) -> dict:
+    """The integer operands of a ring call by kernel name (absent ones None), each flattened to
+    ``[Z]`` / ``[Z, n]`` by the framework's ``flat(x, shape)``."""
+    z = dims.batch_size
+    return {
+        "q_lengths": flat(arrays.query_seq_lengths, (z,)),
+        "kv_lengths": flat(arrays.key_value_seq_lengths, (z,)),
+        "q_segments": flat(arrays.query_segment_ids, (z, dims.q_len)),
+        "kv_segments": flat(arrays.key_segment_ids, (z, dims.kv_len)),
+    }

@@ -10,8 +10,11 @@ a global length.
 Forward: partial results ``(out, lse)`` of each ring step merge through the log-sum-exp. Backward
 (a ``custom_vjp``): every step recomputes its block's gradients from the saved *global* ``out``
 and ``lse`` (``P = exp(S - lse)``), accumulates ``dQ`` locally and sends the ``dK``/``dV``
-accumulators around the ring with K/V, so they arrive at their owner after ``W`` hops.
-Only ``q, k, v, out, lse`` are saved.
+accumulators around the ring with K/V, so they arrive at their owner after ``W`` hops (after
+fewer, when the mask ends the ring early, one ``ppermute`` takes them home). Only
+``q, k, v, out, lse`` are saved. Which blocks a device computes against which shard comes from
+``_plan.RingSchedule`` (every structured mask, both layouts; a ``lax.switch`` over its distinct
+kinds of work); ``variant="allgather"`` gathers K/V once instead and reduce-scatters dK/dV.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from functools import partial  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
-from .._config import KernelConfig  # noqa: E402
+from .._config import CallOptions, KernelConfig  # noqa: E402
 from .._spec import (  # noqa: E402
     AttentionInputError,
     Dims,
@@ -40,12 +44,13 @@ from .._spec import (  # noqa: E402
 )
 from ..jax.kernel import backward_block, forward_block, varying_like  # noqa: E402
 from ._plan import (  # noqa: E402
-    Block,
+    PieceBlock,
+    RingSchedule,
+    block_arrays,
     block_config,
-    check_layout,
     check_ulysses_keywords,
-    relations,
-    step_block,
+    ring_ints,
+    ring_plan,
     ulysses_flow,
     ulysses_repeat,
     zigzag_permutation,
@@ -54,6 +59,8 @@ from ._plan import (  # noqa: E402
 __all__ = ["from_zigzag", "ring_attention", "ring_attention_sharded", "to_zigzag", "ulysses_attention"]
 
 _NEG_INF = -jnp.inf
+# The integer operands of a call (kernel names); ``kv_segments`` travels with K/V.
+_INTS = ("q_lengths", "kv_lengths", "q_segments", "kv_segments")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,104 +71,85 @@ class _Ring:
     world: int
     dims: Dims  # local shapes
     dtype: str
-    is_causal: bool
-    layout: str
-    scale: float | None
-    query_chunk_size: int | None
-    key_chunk_size: int | None
+    variant: str
+    schedule: RingSchedule
+    options: CallOptions  # scale, chunk sizes, soft cap (the mask is the schedule's)
     precision: lax.Precision | None
 
-    def block(self, relation: str) -> Block | None:
-        d = self.dims
-        return step_block(self.layout, relation, d.q_len, d.kv_len, is_causal=self.is_causal)
+    def config(self, blk: PieceBlock) -> KernelConfig:
+        return block_config(self.dims, self.dtype, blk, self.options, device=jax.default_backend())
 
-    def config(self, blk: Block) -> KernelConfig:
-        return block_config(
-            self.dims, self.dtype, blk, scale=self.scale, query_chunk_size=self.query_chunk_size,
-            key_chunk_size=self.key_chunk_size, device=jax.default_backend(),
-        )  # fmt: skip
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(compute_dtype_name(self.dtype))
 
 
 # ------------------------------------------------------------------------------------------------
-# One ring step: the block of the local queries against the key/value shard held now. Arrays are
-# in the kernel layout: q [Z, L, H, D], k [Z, S, K, D], v [Z, S, K, E], out [Z, L, H, E],
-# lse [Z, L, H] (compute dtype).
+# The work of this device against one shard: the schedule's blocks, in the kernel layout
+# q [Z, L, H, D], k [Z, S, K, D], v [Z, S, K, E], out [Z, L, H, E], lse [Z, L, H] (compute
+# dtype); ``ints`` the integer operands (dict of ``_INTS``, absent ones None).
 # ------------------------------------------------------------------------------------------------
 
 
-def _relation_index(ring: _Ring, t):
-    """Index into ``relations(...)`` of step ``t``: 0 same, 1 before, 2 after (see ``_plan``)."""
-    if len(relations(ring.is_causal, ring.world)) == 1:
-        return 0
-    r = lax.axis_index(ring.axis_name)
-    s = (r - t) % ring.world
-    return jnp.where(t == 0, 0, jnp.where(s < r, 1, 2))
-
-
-def _step(ring: _Ring, t, branches, *args):
-    """Run the branch of step ``t``'s relation (a ``lax.switch`` only when there is a choice).
+def _switch(ring: _Ring, source, work, *args):
+    """Run ``work(blocks, ...)`` with the blocks of this device against device ``source``'s
+    shard: a ``lax.switch`` over the schedule's branches when the devices differ in their work.
 
     Inside ``jax.shard_map`` with ``check_vma`` the branches of a ``lax.switch`` must agree on the
     mesh axes their outputs vary over; a branch that skips a masked-out shard returns fresh
-    constants, which vary over none, so every branch's outputs are marked varying over the
-    axes its inputs vary over (a no-op outside ``shard_map`` or without ``check_vma``)."""
-    if len(branches) == 1:
-        return branches[0](*args)
-    return lax.switch(_relation_index(ring, t), [_varying_outputs(b) for b in branches], *args)
+    constants, which vary over none, so every branch's outputs are marked varying like its
+    inputs (a no-op outside ``shard_map`` or without ``check_vma``)."""
+    sched = ring.schedule
+    used = sorted({b for row in sched.table for b in row})
+    if len(used) == 1:
+        return work(sched.branches[used[0]], *args)
+    index = jnp.asarray([[used.index(b) for b in row] for row in sched.table])
+    rank = lax.axis_index(ring.axis_name)
+
+    def branch(blocks):
+        return lambda *a: varying_like(work(blocks, *a), *jax.tree.leaves(a))
+
+    return lax.switch(index[rank, source], [branch(sched.branches[b]) for b in used], *args)
 
 
-def _varying_outputs(branch):
-    """``branch`` with its outputs marked varying like its inputs (see ``_step``)."""
-
-    def run(*args):
-        return varying_like(branch(*args), *args)
-
-    return run
+def _arrays(ring: _Ring, blk: PieceBlock, source, ints) -> dict:
+    rank = lax.axis_index(ring.axis_name)
+    return block_arrays(ring.schedule, blk, rank, source, ints, jnp)
 
 
-def _block_forward(ring: _Ring, relation: str, q, k, v):
-    """``(out, lse)`` of one step over all local rows (rows outside the block: 0 and -inf)."""
-    dims, cdt = ring.dims, jnp.dtype(_compute_dtype(ring))
-    out = jnp.zeros((*q.shape[:-1], dims.v_depth), cdt)
+def _blocks_forward(ring: _Ring, blocks, source, q, k, v, ints):
+    """``(out, lse)`` of this device's queries against one shard (rows without keys: 0, -inf)."""
+    cdt = ring.compute_dtype
+    out = jnp.zeros((*q.shape[:-1], ring.dims.v_depth), cdt)
     lse = jnp.full(q.shape[:-1], _NEG_INF, cdt)
-    blk = ring.block(relation)
-    if blk is None:
-        return out, lse
-    # In the compute dtype: a block's output is merged unrounded (rounding each partial result to
-    # bfloat16 made the error grow with the number of devices), and rounded once at the end.
-    q_b, k_b, v_b = (
-        x.astype(cdt) for x in (q[:, blk.q0 : blk.q1], k[:, blk.k0 : blk.k1], v[:, blk.k0 : blk.k1])
-    )
-    o, lse_b = forward_block(ring.config(blk), q_b, k_b, v_b, precision=ring.precision)
-    out = out.at[:, blk.q0 : blk.q1].set(o.astype(cdt))
-    return out, lse.at[:, blk.q0 : blk.q1].set(lse_b.astype(cdt))
+    for blk in blocks:
+        # In the compute dtype: a block's output is merged unrounded (rounding each partial
+        # result to bfloat16 made the error grow with the number of devices), rounded at the end.
+        rows, keys = slice(blk.q0, blk.q1), slice(blk.k0, blk.k1)
+        o, lse_b = forward_block(
+            ring.config(blk), q[:, rows].astype(cdt), k[:, keys].astype(cdt), v[:, keys].astype(cdt),
+            precision=ring.precision, **_arrays(ring, blk, source, ints),
+        )  # fmt: skip
+        o_m, lse_m = _merge(out[:, rows], lse[:, rows], o.astype(cdt), lse_b.astype(cdt))
+        out, lse = out.at[:, rows].set(o_m), lse.at[:, rows].set(lse_m)
+    return out, lse
 
 
-def _block_backward(ring: _Ring, relation: str, q, k, v, out, lse, d_out):
-    """``(dq, dk, dv)`` of one step's block (zeros outside it), given the *global* out and lse.
-
-    With the global lse as the row max and 1 as the row sum the kernel's backward recomputes
-    ``P = exp(S - lse)``: the block's share of the global softmax, so its gradients are exact
-    parts of the global ones (``delta = rowsum(dO * O)`` uses the global output)."""
-    cdt = jnp.dtype(_compute_dtype(ring))
-    dq = jnp.zeros(q.shape, cdt)
-    dk = jnp.zeros(k.shape, cdt)
-    dv = jnp.zeros(v.shape, cdt)
-    blk = ring.block(relation)
-    if blk is None:
-        return dq, dk, dv
-    rows = slice(blk.q0, blk.q1)
-    keys = slice(blk.k0, blk.k1)
-    # A row with no key at all (lse = -inf) gets zero gradient.
-    dq_b, dk_b, dv_b = backward_block(
-        ring.config(blk), q[:, rows], k[:, keys], v[:, keys], out[:, rows], lse[:, rows],
-        d_out[:, rows], precision=ring.precision,
-    )  # fmt: skip
-    return (
-        dq.at[:, rows].set(dq_b.astype(cdt)),
-        dk.at[:, keys].set(dk_b.astype(cdt)),
-        dv.at[:, keys].set(dv_b.astype(cdt)),
-    )
+def _blocks_backward(ring: _Ring, blocks, source, q, k, v, out, lse, d_out, ints):
+    """``(dq, dk, dv)`` of this device's queries against one shard (zeros outside its blocks),
+    given the *global* out and lse: each block's share of the global softmax
+    (``backward_block``), so its gradients are exact parts of the global ones."""
+    cdt = ring.compute_dtype
+    dq, dk, dv = (jnp.zeros(x.shape, cdt) for x in (q, k, v))
+    for blk in blocks:
+        rows, keys = slice(blk.q0, blk.q1), slice(blk.k0, blk.k1)
+        dq_b, dk_b, dv_b = backward_block(
+            ring.config(blk), q[:, rows], k[:, keys], v[:, keys], out[:, rows], lse[:, rows],
+            d_out[:, rows], precision=ring.precision, **_arrays(ring, blk, source, ints),
+        )  # fmt: skip
+        dq = dq.at[:, rows].add(dq_b.astype(cdt))
+        dk, dv = dk.at[:, keys].add(dk_b.astype(cdt)), dv.at[:, keys].add(dv_b.astype(cdt))
+    return dq, dk, dv
 
 
 def _merge(out, lse, out_b, lse_b):
@@ -171,63 +159,124 @@ def _merge(out, lse, out_b, lse_b):
     return w[..., None] * out + w_b[..., None] * out_b, new
 
 
-def _compute_dtype(ring: _Ring) -> str:
-    return compute_dtype_name(ring.dtype)
+def _shift(ring: _Ring, xs, hops: int = 1):
+    """Send every array of ``xs`` (None stays None) ``hops`` devices along the ring."""
+    perm = [(i, (i + hops) % ring.world) for i in range(ring.world)]
+    return tuple(None if x is None else lax.ppermute(x, ring.axis_name, perm) for x in xs)
 
 
-def _shift(ring: _Ring, *xs):
-    """Send to the next device of the ring, receive from the previous one."""
-    perm = [(i, (i + 1) % ring.world) for i in range(ring.world)]
-    return tuple(lax.ppermute(x, ring.axis_name, perm) for x in xs)
+def _gather(ring: _Ring, x, axis: int = 1):
+    return None if x is None else lax.all_gather(x, ring.axis_name, axis=axis, tiled=True)
+
+
+def _source_shard(x, source, size: int):
+    """Device ``source``'s shard of a gathered ``[Z, W*size, ...]`` (None stays None)."""
+    return None if x is None else lax.dynamic_slice_in_dim(x, source * size, size, axis=1)
+
+
+def _add_shard(x, part, source, size: int):
+    """``x`` with ``part`` added to device ``source``'s shard."""
+    return lax.dynamic_update_slice_in_dim(x, _source_shard(x, source, size) + part, source * size, 1)
 
 
 # ------------------------------------------------------------------------------------------------
-# The ring, forward and backward
+# The ring and the all-gather variant, forward and backward
 # ------------------------------------------------------------------------------------------------
 
 
-def _ring_forward(ring: _Ring, q, k, v):
-    branches = [partial(_block_forward, ring, rel) for rel in relations(ring.is_causal, ring.world)]
-
-    def step(t, carry):
-        k, v, out, lse = carry
-        k_next, v_next = _shift(ring, k, v)  # independent of this step's compute: overlaps it
-        out, lse = _merge(out, lse, *_step(ring, t, branches, q, k, v))
-        return k_next, v_next, out, lse
-
-    cdt = jnp.dtype(_compute_dtype(ring))
+def _attention_forward(ring: _Ring, q, k, v, ints):
+    cdt = ring.compute_dtype
     out = jnp.zeros((*q.shape[:-1], ring.dims.v_depth), cdt)
     lse = jnp.full(q.shape[:-1], _NEG_INF, cdt)
-    _, _, out, lse = lax.fori_loop(0, ring.world, step, varying_like((k, v, out, lse), q, k, v))
+    rank = lax.axis_index(ring.axis_name)
+    if ring.variant == "allgather":
+        kv_all = (_gather(ring, k), _gather(ring, v), _gather(ring, ints["kv_segments"]))
+
+        def visit(source, carry):
+            k_s, v_s, seg_s = (_source_shard(x, source, ring.dims.kv_len) for x in kv_all)
+            step_ints = {**ints, "kv_segments": seg_s}
+            o, l = _switch(ring, source, partial(_blocks_forward, ring), source, q, k_s, v_s, step_ints)
+            return _merge(*carry, o, l)
+
+        out, lse = lax.fori_loop(0, ring.world, visit, varying_like((out, lse), q, k, v))
+        return out.astype(q.dtype), lse
+
+    def step(t, carry):
+        k, v, seg, out, lse = carry
+        k_next, v_next, seg_next = _shift(ring, (k, v, seg))  # overlaps this step's compute
+        source = (rank - t) % ring.world
+        step_ints = {**ints, "kv_segments": seg}
+        o, l = _switch(ring, source, partial(_blocks_forward, ring), source, q, k, v, step_ints)
+        return (k_next, v_next, seg_next, *_merge(out, lse, o, l))
+
+    init = varying_like((k, v, ints["kv_segments"], out, lse), q, k, v)
+    *_, out, lse = lax.fori_loop(0, ring.schedule.steps, step, init)
     return out.astype(q.dtype), lse
 
 
+def _attention_backward(ring: _Ring, q, k, v, out, lse, d_out, ints):
+    cdt = ring.compute_dtype
+    rank = lax.axis_index(ring.axis_name)
+    dq = jnp.zeros(q.shape, cdt)
+    work = partial(_blocks_backward, ring)
+    if ring.variant == "allgather":
+        kv_all = (_gather(ring, k), _gather(ring, v), _gather(ring, ints["kv_segments"]))
+        n = ring.dims.kv_len
+
+        def visit(source, carry):
+            dq, dk_all, dv_all = carry
+            k_s, v_s, seg_s = (_source_shard(x, source, n) for x in kv_all)
+            step_ints = {**ints, "kv_segments": seg_s}
+            dq_b, dk_b, dv_b = _switch(ring, source, work, source, q, k_s, v_s, out, lse, d_out, step_ints)
+            dk_all = lax.dynamic_update_slice_in_dim(
+                dk_all, _source_shard(dk_all, source, n) + dk_b, source * n, 1
+            )
+            dv_all = lax.dynamic_update_slice_in_dim(
+                dv_all, _source_shard(dv_all, source, n) + dv_b, source * n, 1
+            )
+            return dq + dq_b, dk_all, dv_all
+
+        init = (dq, jnp.zeros(kv_all[0].shape, cdt), jnp.zeros(kv_all[1].shape, cdt))
+        dq, dk_all, dv_all = lax.fori_loop(0, ring.world, visit, varying_like(init, q, k, v))
+        # Each device's share of every shard's gradient, summed at the shard's owner.
+        dk, dv = (
+            lax.psum_scatter(x, ring.axis_name, scatter_dimension=1, tiled=True) for x in (dk_all, dv_all)
+        )
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+    def step(t, carry):
+        k, v, seg, dq, dk, dv = carry
+        k_next, v_next, seg_next = _shift(ring, (k, v, seg))
+        source = (rank - t) % ring.world
+        step_ints = {**ints, "kv_segments": seg}
+        dq_b, dk_b, dv_b = _switch(ring, source, work, source, q, k, v, out, lse, d_out, step_ints)
+        # dk/dv travel with the shard they belong to.
+        dk, dv = _shift(ring, (dk + dk_b, dv + dv_b))
+        return k_next, v_next, seg_next, dq + dq_b, dk, dv
+
+    init = (k, v, ints["kv_segments"], dq, jnp.zeros(k.shape, cdt), jnp.zeros(v.shape, cdt))
+    steps = ring.schedule.steps
+    *_, dq, dk, dv = lax.fori_loop(0, steps, step, varying_like(init, q, k, v))
+    if steps % ring.world:  # after fewer than W hops, one message takes them home
+        dk, dv = _shift(ring, (dk, dv), hops=-steps)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring_attention(ring: _Ring, q, k, v):
-    return _ring_forward(ring, q, k, v)[0]
+def _ring_attention(ring: _Ring, q, k, v, ints):
+    return _attention_forward(ring, q, k, v, ints)[0]
 
 
-def _ring_attention_fwd(ring: _Ring, q, k, v):
-    out, lse = _ring_forward(ring, q, k, v)
-    return out, (q, k, v, out, lse)
+def _ring_attention_fwd(ring: _Ring, q, k, v, ints):
+    out, lse = _attention_forward(ring, q, k, v, ints)
+    return out, (q, k, v, out, lse, ints)
 
 
 def _ring_attention_bwd(ring: _Ring, residuals, d_out):
-    q, k, v, out, lse = residuals
-    branches = [partial(_block_backward, ring, rel) for rel in relations(ring.is_causal, ring.world)]
-
-    def step(t, carry):
-        k, v, dq, dk, dv = carry
-        k_next, v_next = _shift(ring, k, v)
-        dq_b, dk_b, dv_b = _step(ring, t, branches, q, k, v, out, lse, d_out)
-        # dk/dv travel with the shard they belong to; after W hops they are back at its owner.
-        dk, dv = _shift(ring, dk + dk_b, dv + dv_b)
-        return k_next, v_next, dq + dq_b, dk, dv
-
-    cdt = jnp.dtype(_compute_dtype(ring))
-    init = (k, v, jnp.zeros(q.shape, cdt), jnp.zeros(k.shape, cdt), jnp.zeros(v.shape, cdt))
-    _, _, dq, dk, dv = lax.fori_loop(0, ring.world, step, varying_like(init, q, k, v))
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    q, k, v, out, lse, ints = residuals
+    grads = _attention_backward(ring, q, k, v, out, lse, d_out, ints)
+    no_grad = {n: None if x is None else np.zeros(x.shape, jax.dtypes.float0) for n, x in ints.items()}
+    return (*grads, no_grad)
 
 
 _ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
@@ -246,7 +295,15 @@ def ring_attention(
     axis_name: Hashable,
     is_causal: bool = False,
     layout: str = "contiguous",
+    variant: str = "ring",
     scale: float | None = None,
+    causal_alignment: str = "top_left",
+    local_window_size: int | tuple[int, int] | None = None,
+    query_seq_lengths: jax.Array | None = None,
+    key_value_seq_lengths: jax.Array | None = None,
+    query_segment_ids: jax.Array | None = None,
+    key_segment_ids: jax.Array | None = None,
+    logits_soft_cap: float | None = None,
     query_chunk_size: int | None = None,
     key_chunk_size: int | None = None,
     precision: lax.Precision | None = lax.Precision.HIGHEST,
@@ -259,20 +316,34 @@ def ring_attention(
       key: the local shard ``[B..., S, K, D]``; ``K`` divides ``H`` (grouped-query attention).
       value: the local shard ``[B..., S, K, E]``.
       axis_name: the mesh axis the sequence is sharded over (``W`` devices, in axis order).
-      is_causal: global top-left causal mask (query and key/value sharded alike, ``L == S``).
+      is_causal: causal mask over the global positions (``causal_alignment``: ``"top_left"``, or
+        ``"bottom_right"`` for a global query shorter than the keys).
       layout: ``"contiguous"`` (device ``r`` holds positions ``[r*L, (r+1)*L)``) or ``"zigzag"``
         (the sequence in ``2W`` chunks; device ``r`` holds chunks ``r`` and ``2W-1-r``: causal
-        work is balanced). Convert with ``to_zigzag`` / ``from_zigzag``. Without ``is_causal``
-        the layout only names which positions a device holds; the result is the same.
+        work is balanced). Convert with ``to_zigzag`` / ``from_zigzag``.
+      variant: ``"ring"`` (K/V shards travel around the ring, one hop per step, overlapped with
+        compute; memory O(L + S)) or ``"allgather"`` (every device gathers all K/V once and the
+        gradients are reduce-scattered back, the "llama3" scheme: memory O(L + W*S), fewer and
+        larger messages; suits varlen-heavy work where most shards are masked out anyway).
       scale: score scale, default ``1/sqrt(D)``.
+      local_window_size: ``w`` or ``(left, right)`` over global positions.
+      query_seq_lengths, key_value_seq_lengths: ``[B...]`` global lengths (the same on every
+        device): positions at or beyond them are masked out.
+      query_segment_ids, key_segment_ids: the local shards ``[B..., L]`` / ``[B..., S]`` of the
+        global segment ids (packed documents; they may cross shard boundaries): a query attends
+        only to keys of its segment.
+      logits_soft_cap: ``cap * tanh(scores / cap)`` before the mask.
       query_chunk_size, key_chunk_size: the kernel's chunk sizes inside each device's block.
       precision: ``jax.lax.Precision`` of the matmuls.
 
     Returns:
       the local shard of the output, ``[B..., L, H, E]``.
 
-    Works inside ``jax.shard_map`` with or without ``check_vma``. Gradients work through
-    ``jax.grad``; memory per device is O(L + S), never O(N^2) nor O(L*S).
+    The masks are planned over the global positions (``_plan.RingSchedule``): a device skips a
+    shard its mask leaves empty (no compute), ring steps in which every device would skip are
+    not run (a window of ``w < L`` keys needs two steps of ``W``), and lengths and segment ids
+    skip the chunks they empty inside each block. Works inside ``jax.shard_map`` with or
+    without ``check_vma``; gradients work through ``jax.grad``.
 
     Example (one device here; on a mesh of ``W`` devices the same code runs a ring of ``W``)::
 
@@ -303,16 +374,26 @@ def ring_attention(
             f"axis_name {axis_name!r} is not a mesh axis here: call ring_attention inside "
             "jax.shard_map over a mesh with that axis (or use ring_attention_sharded)"
         ) from err
-    check_layout(layout, is_causal=is_causal, q_len=dims.q_len, kv_len=dims.kv_len, world=world)
-    ring = _Ring(
-        axis_name, world, dims, dtype, is_causal, layout, scale, query_chunk_size, key_chunk_size, precision
-    )
+    schedule, options, arrays = ring_plan(
+        dims, dtype, world=world, layout=layout, variant=variant, scale=scale, is_causal=is_causal,
+        causal_alignment=causal_alignment, local_window_size=local_window_size,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        query_segment_ids=query_segment_ids, key_segment_ids=key_segment_ids,
+        logits_soft_cap=logits_soft_cap, query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size,
+    )  # fmt: skip
+    ring = _Ring(axis_name, world, dims, dtype, variant, schedule, options, precision)
     z, kh = dims.batch_size, dims.kv_heads
     q4 = query.reshape(z, dims.q_len, dims.q_heads, dims.qk_depth)
     k4 = key.reshape(z, dims.kv_len, kh, dims.qk_depth)
     v4 = value.reshape(z, dims.kv_len, kh, dims.v_depth)
-    out = _ring_attention(ring, q4, k4, v4)
+    ints = ring_ints(arrays, dims, _flat)
+    out = _ring_attention(ring, q4, k4, v4, ints)
     return out.reshape(*dims.batch, dims.q_len, dims.q_heads, dims.v_depth)
+
+
+def _flat(x, shape):
+    """An integer array flattened to the kernel's ``[Z]`` / ``[Z, n]`` (None stays None)."""
+    return None if x is None else jnp.asarray(x).astype(jnp.int32).reshape(shape)
 
 
 def to_zigzag(x: jax.Array, world: int, *, axis: int = -3) -> jax.Array:
@@ -381,10 +462,9 @@ def ring_attention_sharded(
     *,
     is_causal: bool = False,
     layout: str = "contiguous",
-    scale: float | None = None,
-    query_chunk_size: int | None = None,
-    key_chunk_size: int | None = None,
-    precision: lax.Precision | None = lax.Precision.HIGHEST,
+    query_segment_ids: jax.Array | None = None,
+    key_segment_ids: jax.Array | None = None,
+    **ring_arguments,
 ) -> jax.Array:
     """``ring_attention`` on global arrays: shards the sequence over ``mesh``'s axis ``axis_name``
     (other mesh axes replicate), runs the ring and returns the global output.
@@ -392,12 +472,15 @@ def ring_attention_sharded(
     Args:
       query: ``[B..., N, H, D]`` in natural order, ``N`` divisible by the axis size ``W`` (by
         ``2W`` for ``layout="zigzag"``).
-      key: ``[B..., M, K, D]``; value ``[B..., M, K, E]`` (``M == N`` if ``is_causal``).
+      key: ``[B..., M, K, D]``; value ``[B..., M, K, E]``.
       value: see key.
       mesh, axis_name: the mesh and its axis to shard the sequence over.
       layout: how positions are spread over devices; inputs and output stay in natural order
         (``"zigzag"`` permutes them in and out: prefer it with ``is_causal``).
-      is_causal, scale, query_chunk_size, key_chunk_size, precision: as in ``ring_attention``.
+      query_segment_ids, key_segment_ids: global ``[B..., N]`` / ``[B..., M]``, natural order.
+      is_causal, ring_arguments: as in ``ring_attention`` (``variant``, ``scale``,
+        ``causal_alignment``, ``local_window_size``, ``query_seq_lengths``,
+        ``key_value_seq_lengths``, ``logits_soft_cap``, the chunk sizes, ``precision``).
 
     Returns:
       ``[B..., N, H, E]``, sharded like the query.
@@ -416,32 +499,42 @@ def ring_attention_sharded(
     if axis_name not in mesh.axis_names:
         raise AttentionInputError(f"axis_name {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
     world = mesh.shape[axis_name]
+    parts = world * (2 if layout == "zigzag" else 1)
     query, key, value = (jnp.asarray(x) for x in (query, key, value))
     for name, x in (("query", query), ("key", key), ("value", value)):
-        if x.ndim < 3 or x.shape[-3] % (world * (2 if layout == "zigzag" else 1)):
-            parts = world * (2 if layout == "zigzag" else 1)
+        if x.ndim < 3 or x.shape[-3] % parts:
             raise AttentionInputError(
                 f"{name} has shape {tuple(x.shape)}: its sequence axis (-3) must split into {parts} "
                 f"equal parts for layout={layout!r} on {world} devices; pad it"
             )
+    ids = [None if x is None else jnp.asarray(x) for x in (query_segment_ids, key_segment_ids)]
+    for name, x, like in (("query_segment_ids", ids[0], query), ("key_segment_ids", ids[1], key)):
+        if x is not None and tuple(x.shape) != tuple(like.shape[:-2]):
+            raise AttentionInputError(
+                f"{name} has shape {tuple(x.shape)}, but needs {tuple(like.shape[:-2])} ([B..., length])"
+            )
     if layout == "zigzag":
         query, key, value = (to_zigzag(x, world) for x in (query, key, value))
+        ids = [None if x is None else to_zigzag(x, world, axis=-1) for x in ids]
     spec = PartitionSpec(*([None] * (query.ndim - 3)), axis_name)
     sharding = NamedSharding(mesh, spec)
     query, key, value = (jax.device_put(x, sharding) for x in (query, key, value))
-    local = partial(
-        ring_attention,
-        axis_name=axis_name,
-        is_causal=is_causal,
-        layout=layout,
-        scale=scale,
-        query_chunk_size=query_chunk_size,
-        key_chunk_size=key_chunk_size,
-        precision=precision,
-    )
-    out = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(
-        query, key, value
-    )
+    ids = [None if x is None else jax.device_put(x, sharding) for x in ids]
+
+    present = [x is not None for x in ids]
+
+    def local(q, k, v, *given):
+        it = iter(given)
+        q_ids, k_ids = (next(it) if p else None for p in present)
+        return ring_attention(
+            q, k, v, axis_name=axis_name, is_causal=is_causal, layout=layout, query_segment_ids=q_ids,
+            key_segment_ids=k_ids, **ring_arguments,
+        )  # fmt: skip
+
+    given = [x for x in ids if x is not None]
+    out = jax.shard_map(
+        local, mesh=mesh, in_specs=(spec,) * (3 + len(given)), out_specs=spec, check_vma=False
+    )(query, key, value, *given)
     return from_zigzag(out, world) if layout == "zigzag" else out
 
 

@@ -11,7 +11,10 @@ Forward: partial results ``(out, lse)`` of each ring step merge through the log-
 (one ``autograd.Function``, so every rank runs its messages in the same fixed order): each step
 recomputes its block's gradients from the saved *global* ``out`` and ``lse``, accumulates ``dQ``
 locally and sends the ``dK``/``dV`` accumulators around the ring, one hop behind K/V; after
-``W`` hops they are back at their owner. Only ``q, k, v, out, lse`` are saved.
+``W`` hops they are back at their owner (after fewer, when the mask ends the ring early, one
+message takes them home). Only ``q, k, v, out, lse`` are saved. Which blocks a rank computes
+against which shard comes from ``_plan.RingSchedule`` (every structured mask, both layouts);
+``variant="allgather"`` gathers K/V once instead and sums dK/dV back to their owners.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from .._require import require
 require("torch", "torch", __name__)
 
 import dataclasses  # noqa: E402
+from functools import partial  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.autograd.function import once_differentiable  # noqa: E402
 
-from .._config import KernelConfig  # noqa: E402
+from .._config import CallOptions, KernelConfig  # noqa: E402
 from .._spec import (  # noqa: E402
     AttentionInputError,
     Dims,
@@ -37,11 +41,13 @@ from .._spec import (  # noqa: E402
 )
 from ..torch.kernel import backward_block, forward_block  # noqa: E402
 from ._plan import (  # noqa: E402
-    Block,
+    PieceBlock,
+    RingSchedule,
+    block_arrays,
     block_config,
-    check_layout,
     check_ulysses_keywords,
-    step_block,
+    ring_ints,
+    ring_plan,
     ulysses_flow,
     ulysses_repeat,
     zigzag_permutation,
@@ -50,41 +56,33 @@ from ._plan import (  # noqa: E402
 __all__ = ["from_zigzag", "ring_attention", "to_zigzag", "ulysses_attention"]
 
 _NEG_INF = float("-inf")
-_KV_TAG, _GRAD_TAG = 0, 1
+_KV_TAG, _GRAD_TAG, _SEG_TAG = 0, 1, 2
 
 
 @dataclasses.dataclass(frozen=True)
 class _Ring:
-    """One ring call: the group, this rank's neighbours and the static configuration."""
+    """One ring call: the group, this rank's position and the static plan."""
 
     group: dist.ProcessGroup | None
     rank: int  # position in the group
     world: int
     dims: Dims  # local shapes
     dtype: str
-    is_causal: bool
-    layout: str
-    scale: float | None
-    query_chunk_size: int | None
-    key_chunk_size: int | None
+    variant: str
+    schedule: RingSchedule
+    options: CallOptions  # scale, chunk sizes, soft cap (the mask is the schedule's)
 
     def peer(self, offset: int) -> int:
         """The global rank ``offset`` places further along the ring."""
         index = (self.rank + offset) % self.world
         return index if self.group is None else dist.get_global_rank(self.group, index)
 
-    def block(self, step: int) -> Block | None:
-        """The block of ring step ``step`` (keys from the rank ``step`` places back)."""
-        source = (self.rank - step) % self.world
-        relation = "same" if step == 0 else ("before" if source < self.rank else "after")
-        d = self.dims
-        return step_block(self.layout, relation, d.q_len, d.kv_len, is_causal=self.is_causal)
+    def source(self, step: int) -> int:
+        """The rank whose key/value shard this rank holds at ring step ``step``."""
+        return (self.rank - step) % self.world
 
-    def config(self, blk: Block, device: torch.device) -> KernelConfig:
-        return block_config(
-            self.dims, self.dtype, blk, scale=self.scale, query_chunk_size=self.query_chunk_size,
-            key_chunk_size=self.key_chunk_size, device=device.type,
-        )  # fmt: skip
+    def config(self, blk: PieceBlock, device: torch.device) -> KernelConfig:
+        return block_config(self.dims, self.dtype, blk, self.options, device=device.type)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -92,8 +90,8 @@ class _Ring:
 
 
 # ------------------------------------------------------------------------------------------------
-# Messages: one flat buffer per hop (K and V, or dK and dV), sent to the next rank while the
-# previous rank's arrives.
+# Messages: one flat buffer per hop (K, V and the key segment ids, or dK and dV), sent to the next
+# rank while the previous rank's arrives.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -109,13 +107,13 @@ def _unpack(flat: torch.Tensor, *likes: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def _start_shift(ring: _Ring, send: torch.Tensor, tag: int):
-    """Start sending ``send`` to the next rank and receiving its twin from the previous one:
-    returns ``(receive buffer, works)``; wait on the works before reading the buffer."""
+def _start_shift(ring: _Ring, send: torch.Tensor, tag: int, hops: int = 1):
+    """Start sending ``send`` ``hops`` ranks along the ring and receiving its twin from ``hops``
+    ranks back: returns ``(receive buffer, works)``; wait on the works before reading it."""
     recv = torch.empty_like(send)
     ops = [
-        dist.P2POp(dist.irecv, recv, ring.peer(-1), ring.group, tag),
-        dist.P2POp(dist.isend, send, ring.peer(1), ring.group, tag),
+        dist.P2POp(dist.irecv, recv, ring.peer(-hops), ring.group, tag),
+        dist.P2POp(dist.isend, send, ring.peer(hops), ring.group, tag),
     ]
     return recv, dist.batch_isend_irecv(ops)
 
@@ -126,34 +124,46 @@ def _wait(works) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# One block, in the kernel layout: q [Z, K, L, G, D], k [Z, K, S, D], v [Z, K, S, E],
-# out [Z, K, L, G, E], lse [Z, K, L, G] (compute dtype).
+# The work of this rank against one shard, in the kernel layout: q [Z, K, L, G, D],
+# k [Z, K, S, D], v [Z, K, S, E], out [Z, K, L, G, E], lse [Z, K, L, G] (compute dtype); ``ints``
+# the integer operands (kernel names; ``kv_segments`` the shard's).
 # ------------------------------------------------------------------------------------------------
 
 
-def _merge_block(ring: _Ring, blk: Block, out, lse, q, k, v) -> None:
-    """Attend the block's rows to its keys and merge the result into ``(out, lse)`` in place,
-    through the log-sum-exp (rows empty on both sides stay ``(0, -inf)``: no ``-inf - -inf``)."""
-    # In the compute dtype: each block's output is merged unrounded and rounded once at the end
-    # (rounding partial results to bfloat16 made the error grow with the number of ranks).
-    blocks = (q[:, :, blk.q0 : blk.q1], k[:, :, blk.k0 : blk.k1], v[:, :, blk.k0 : blk.k1])
-    q_b, k_b, v_b = (x.to(ring.compute_dtype) for x in blocks)
-    o_b, lse_b = forward_block(ring.config(blk, q.device), q_b, k_b, v_b)
-    o_acc, l_acc = out[:, :, blk.q0 : blk.q1], lse[:, :, blk.q0 : blk.q1]
-    w_acc, w_b, new = lse_merge_weights(torch, l_acc, lse_b)
-    o_acc.mul_(w_acc.unsqueeze(-1)).add_(o_b.to(o_acc.dtype) * w_b.unsqueeze(-1))
-    l_acc.copy_(new)
+def _merge_blocks(ring: _Ring, source: int, out, lse, q, k, v, ints) -> None:
+    """Attend this rank's queries to ``source``'s shard and merge the result into
+    ``(out, lse)`` in place, through the log-sum-exp (rows empty on both sides stay
+    ``(0, -inf)``: no ``-inf - -inf``)."""
+    for blk in ring.schedule.blocks(ring.rank, source):
+        # In the compute dtype: each block's output is merged unrounded and rounded once at the
+        # end (rounding partial results to bfloat16 made the error grow with the number of ranks).
+        parts = (q[:, :, blk.q0 : blk.q1], k[:, :, blk.k0 : blk.k1], v[:, :, blk.k0 : blk.k1])
+        q_b, k_b, v_b = (x.to(ring.compute_dtype) for x in parts)
+        arrays = block_arrays(ring.schedule, blk, ring.rank, source, ints, torch)
+        o_b, lse_b = forward_block(ring.config(blk, q.device), q_b, k_b, v_b, **arrays)
+        o_acc, l_acc = out[:, :, blk.q0 : blk.q1], lse[:, :, blk.q0 : blk.q1]
+        w_acc, w_b, new = lse_merge_weights(torch, l_acc, lse_b)
+        o_acc.mul_(w_acc.unsqueeze(-1)).add_(o_b.to(o_acc.dtype) * w_b.unsqueeze(-1))
+        l_acc.copy_(new)
 
 
-def _block_grads(ring: _Ring, blk: Block, q, k, v, out, lse, d_out):
-    """``(dq, dk, dv)`` of the block's rows and keys, given the *global* out and lse: the block's
-    share of the global softmax (``backward_block``), so its gradients are exact parts of the
-    global ones. Rows with no key at all get zero gradient."""
-    rows, keys = slice(blk.q0, blk.q1), slice(blk.k0, blk.k1)
-    return backward_block(
-        ring.config(blk, q.device), q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows],
-        lse[:, :, rows], d_out[:, :, rows],
-    )  # fmt: skip
+def _add_grads(ring: _Ring, source: int, dq, dk, dv, q, k, v, out, lse, d_out, ints) -> bool:
+    """Add this rank's share of the gradients against ``source``'s shard into ``dq`` and the
+    shard's ``dk``/``dv``, given the *global* out and lse: each block's share of the global
+    softmax (``backward_block``), so its gradients are exact parts of the global ones. Returns
+    whether there was any work."""
+    blocks = ring.schedule.blocks(ring.rank, source)
+    for blk in blocks:
+        rows, keys = slice(blk.q0, blk.q1), slice(blk.k0, blk.k1)
+        arrays = block_arrays(ring.schedule, blk, ring.rank, source, ints, torch)
+        g_q, g_k, g_v = backward_block(
+            ring.config(blk, q.device), q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows],
+            lse[:, :, rows], d_out[:, :, rows], **arrays,
+        )  # fmt: skip
+        dq[:, :, rows] += g_q
+        dk[:, :, keys] += g_k
+        dv[:, :, keys] += g_v
+    return bool(blocks)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,67 +171,100 @@ def _block_grads(ring: _Ring, blk: Block, q, k, v, out, lse, d_out):
 # ------------------------------------------------------------------------------------------------
 
 
-def _ring_forward(ring: _Ring, q, k, v):
+def _shards(ring: _Ring, k, v, seg):
+    """``(source, k, v, kv_segments)`` of every shard this rank visits, in order: travelling
+    around the ring (each next shard's transfer overlaps the current one's use) or, for the
+    all-gather variant, gathered at once."""
+    if ring.variant == "allgather":
+        gathered = [_all_gather(ring, x) for x in (k, v, seg)]
+        for source in range(ring.world):
+            yield source, *(None if x is None else x[source] for x in gathered)
+        return
+    kv = _pack(k, v)
+    for step in range(ring.schedule.steps):
+        last = step == ring.schedule.steps - 1
+        if not last:
+            kv_next, works = _start_shift(ring, kv, _KV_TAG)
+            if seg is not None:
+                seg_next, seg_works = _start_shift(ring, seg, _SEG_TAG)
+        yield ring.source(step), *_unpack(kv, k, v), seg
+        if not last:
+            _wait(works)
+            kv = kv_next
+            if seg is not None:
+                _wait(seg_works)
+                seg = seg_next
+
+
+def _all_gather(ring: _Ring, x):
+    if x is None:
+        return None
+    parts = [torch.empty_like(x) for _ in range(ring.world)]
+    dist.all_gather(parts, x.contiguous(), group=ring.group)
+    return parts
+
+
+def _ring_forward(ring: _Ring, q, k, v, ints):
     cdt = ring.compute_dtype
     out = torch.zeros(*q.shape[:-1], ring.dims.v_depth, dtype=cdt, device=q.device)
     lse = torch.full(q.shape[:-1], _NEG_INF, dtype=cdt, device=q.device)
-    kv = _pack(k, v)
-    for step in range(ring.world):
-        last = step == ring.world - 1
-        if not last:
-            kv_next, works = _start_shift(ring, kv, _KV_TAG)
-        blk = ring.block(step)
-        if blk is not None:
-            k_s, v_s = _unpack(kv, k, v)
-            _merge_block(ring, blk, out, lse, q, k_s, v_s)
-        if not last:
-            _wait(works)
-            kv = kv_next
+    for source, k_s, v_s, seg_s in _shards(ring, k, v, ints.get("kv_segments")):
+        _merge_blocks(ring, source, out, lse, q, k_s, v_s, {**ints, "kv_segments": seg_s})
     return out.to(q.dtype), lse
 
 
-def _ring_backward(ring: _Ring, q, k, v, out, lse, d_out):
+def _ring_backward(ring: _Ring, q, k, v, out, lse, d_out, ints):
     cdt = ring.compute_dtype
     dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
+    if ring.variant == "allgather":
+        dkv_all = torch.zeros(ring.world, k.numel() + v.numel(), dtype=cdt, device=q.device)
+        for source, k_s, v_s, seg_s in _shards(ring, k, v, ints.get("kv_segments")):
+            dk_s, dv_s = _unpack(dkv_all[source], k, v)
+            step_ints = {**ints, "kv_segments": seg_s}
+            _add_grads(ring, source, dq, dk_s, dv_s, q, k_s, v_s, out, lse, d_out, step_ints)
+        dk, dv = _unpack(_reduce_scatter(ring, dkv_all), k, v)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     dkv = torch.zeros(k.numel() + v.numel(), dtype=cdt, device=q.device)  # travels with kv
-    kv = _pack(k, v)
     grad_hop = None  # (buffer, works) of the accumulator in flight
-    for step in range(ring.world):
-        last = step == ring.world - 1
-        if not last:
-            kv_next, kv_works = _start_shift(ring, kv, _KV_TAG)
-        blk = ring.block(step)
-        grads = None
-        if blk is not None:
-            k_s, v_s = _unpack(kv, k, v)
-            grads = _block_grads(ring, blk, q, k_s, v_s, out, lse, d_out)
-        if grad_hop is not None:  # the accumulator of this step's shard, sent one step ago
+    for source, k_s, v_s, seg_s in _shards(ring, k, v, ints.get("kv_segments")):
+        if grad_hop is not None:  # the accumulator of this shard, sent one step ago
             dkv, works = grad_hop
             _wait(works)
-        if grads is not None:
-            dq[:, :, blk.q0 : blk.q1] += grads[0]
-            dk_acc, dv_acc = _unpack(dkv, k, v)
-            dk_acc[:, :, blk.k0 : blk.k1] += grads[1]
-            dv_acc[:, :, blk.k0 : blk.k1] += grads[2]
+        dk_acc, dv_acc = _unpack(dkv, k, v)
+        step_ints = {**ints, "kv_segments": seg_s}
+        _add_grads(ring, source, dq, dk_acc, dv_acc, q, k_s, v_s, out, lse, d_out, step_ints)
         if ring.world > 1:  # dK/dV follow their shard, overlapping the next step's compute
             grad_hop = _start_shift(ring, dkv, _GRAD_TAG)
-        if not last:
-            _wait(kv_works)
-            kv = kv_next
-    if grad_hop is not None:  # after W hops the accumulator is home
+    if grad_hop is not None:
         dkv, works = grad_hop
+        _wait(works)
+    steps = ring.schedule.steps
+    if ring.world > 1 and steps % ring.world:  # after fewer than W hops, one message takes it home
+        dkv, works = _start_shift(ring, dkv, _GRAD_TAG, hops=-steps)
         _wait(works)
     dk, dv = _unpack(dkv, k, v)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _reduce_scatter(ring: _Ring, parts: torch.Tensor) -> torch.Tensor:
+    """Row ``r`` of the sum over ranks of ``parts [W, n]``, on rank ``r`` (gloo has no
+    reduce-scatter: it sums everything and keeps its row)."""
+    if dist.get_backend(ring.group) == "gloo":
+        dist.all_reduce(parts, group=ring.group)
+        return parts[ring.rank]
+    mine = torch.empty_like(parts[0])
+    dist.reduce_scatter_tensor(mine, parts.reshape(-1), group=ring.group)
+    return mine
+
+
 class _RingAttention(torch.autograd.Function):
-    """``out = ring_attention(q, k, v)`` in the kernel layout; saves ``q, k, v, out, lse``."""
+    """``out = ring_attention(q, k, v)`` in the kernel layout; saves ``q, k, v, out, lse`` (and
+    the integer operands)."""
 
     @staticmethod
-    def forward(ctx, ring: _Ring, q, k, v):
-        out, lse = _ring_forward(ring, q, k, v)
-        ctx.ring = ring
+    def forward(ctx, ring: _Ring, q, k, v, ints):
+        out, lse = _ring_forward(ring, q, k, v, ints)
+        ctx.ring, ctx.ints = ring, ints
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
@@ -229,7 +272,8 @@ class _RingAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d_out):
         q, k, v, out, lse = ctx.saved_tensors
-        return (None, *_ring_backward(ctx.ring, q, k, v, out, lse, d_out.contiguous()))
+        grads = _ring_backward(ctx.ring, q, k, v, out, lse, d_out.contiguous(), ctx.ints)
+        return (None, *grads, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,7 +289,15 @@ def ring_attention(
     group: dist.ProcessGroup | None = None,
     is_causal: bool = False,
     layout: str = "contiguous",
+    variant: str = "ring",
     scale: float | None = None,
+    causal_alignment: str = "top_left",
+    local_window_size: int | tuple[int, int] | None = None,
+    query_seq_lengths: torch.Tensor | None = None,
+    key_value_seq_lengths: torch.Tensor | None = None,
+    query_segment_ids: torch.Tensor | None = None,
+    key_segment_ids: torch.Tensor | None = None,
+    logits_soft_cap: float | None = None,
     query_chunk_size: int | None = None,
     key_chunk_size: int | None = None,
 ) -> torch.Tensor:
@@ -257,16 +309,31 @@ def ring_attention(
       key: this rank's shard ``[B..., S, K, D]``; ``K`` divides ``H`` (grouped-query attention).
       value: this rank's shard ``[B..., S, K, E]``.
       group: the process group forming the ring, in group-rank order (default: the world).
-      is_causal: global top-left causal mask (query and key/value sharded alike, ``L == S``).
+      is_causal: causal mask over the global positions (``causal_alignment``: ``"top_left"``,
+        or ``"bottom_right"`` for a global query shorter than the keys).
       layout: ``"contiguous"`` (rank ``r`` holds positions ``[r*L, (r+1)*L)``) or ``"zigzag"``
         (the sequence in ``2W`` chunks; rank ``r`` holds chunks ``r`` and ``2W-1-r``: causal work
         is balanced). Convert with ``to_zigzag`` / ``from_zigzag``.
+      variant: ``"ring"`` (K/V shards travel around the ring, overlapped with compute; memory
+        O(L + S)) or ``"allgather"`` (every rank gathers all K/V once and the gradients are
+        summed back to their owners, the "llama3" scheme: memory O(L + W*S)).
       scale: score scale, default ``1/sqrt(D)``.
+      local_window_size: ``w`` or ``(left, right)`` over global positions.
+      query_seq_lengths, key_value_seq_lengths: ``[B...]`` global lengths (the same on every
+        rank): positions at or beyond them are masked out.
+      query_segment_ids, key_segment_ids: this rank's shards ``[B..., L]`` / ``[B..., S]`` of
+        the global segment ids (packed documents may cross shard boundaries).
+      logits_soft_cap: ``cap * tanh(scores / cap)`` before the mask.
       query_chunk_size, key_chunk_size: the kernel's chunk sizes inside each rank's block.
 
     Returns:
       this rank's shard of the output, ``[B..., L, H, E]``. Differentiable (first order) in
       query, key and value; the backward also runs the ring, so every rank must call it.
+
+    The masks are planned over the global positions (``_plan.RingSchedule``, the same plan as
+    ``distributed.jax.ring_attention``): a rank skips shards its mask leaves empty, ring steps
+    in which every rank would skip are not run (no message, no compute), and lengths and
+    segment ids skip the chunks they empty inside each block.
 
     Example (a ring of one rank here; under ``torchrun --nproc-per-node W`` each rank passes
     its shard, e.g. ``x.chunk(W, dim=-3)[rank]`` of a global ``x``)::
@@ -297,17 +364,28 @@ def ring_attention(
             "(torchrun sets up its environment) before it"
         )
     world = dist.get_world_size(group)
-    check_layout(layout, is_causal=is_causal, q_len=dims.q_len, kv_len=dims.kv_len, world=world)
-    ring = _Ring(
-        group, dist.get_rank(group), world, dims, dtype, is_causal, layout, scale,
-        query_chunk_size, key_chunk_size,
+    schedule, options, arrays = ring_plan(
+        dims, dtype, world=world, layout=layout, variant=variant, scale=scale, is_causal=is_causal,
+        causal_alignment=causal_alignment, local_window_size=local_window_size,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        query_segment_ids=query_segment_ids, key_segment_ids=key_segment_ids,
+        logits_soft_cap=logits_soft_cap, query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size,
     )  # fmt: skip
+    ring = _Ring(group, dist.get_rank(group), world, dims, dtype, variant, schedule, options)
     z, kh, g = dims.batch_size, dims.kv_heads, dims.groups
     q5 = query.reshape(z, dims.q_len, kh, g, dims.qk_depth).permute(0, 2, 1, 3, 4).contiguous()
     k4 = key.reshape(z, dims.kv_len, kh, dims.qk_depth).transpose(1, 2).contiguous()
     v4 = value.reshape(z, dims.kv_len, kh, dims.v_depth).transpose(1, 2).contiguous()
-    out = _RingAttention.apply(ring, q5, k4, v4)
+    ints = ring_ints(arrays, dims, partial(_flat, device=q5.device))
+    out = _RingAttention.apply(ring, q5, k4, v4, ints)
     return out.permute(0, 2, 1, 3, 4).reshape(*dims.batch, dims.q_len, dims.q_heads, dims.v_depth)
+
+
+def _flat(x, shape, *, device):
+    """An integer tensor flattened to the kernel's ``[Z]`` / ``[Z, n]`` (None stays None)."""
+    if x is None:
+        return None
+    return torch.as_tensor(x, device=device).to(torch.int64).reshape(shape).contiguous()
 
 
 def to_zigzag(x: torch.Tensor, world: int, *, dim: int = -3) -> torch.Tensor:

@@ -36,26 +36,30 @@ def varying_like(carry, *refs):
     return _varying_like(carry, *refs)
 
 
-def forward_block(cfg: KernelConfig, q, k, v, *, precision=_DEFAULT_PRECISION):
+def forward_block(cfg: KernelConfig, q, k, v, *, precision=_DEFAULT_PRECISION, **arrays):
     """``(out [Z, L, H, E], lse [Z, L, H])`` of one block (no mask beyond ``cfg``'s, no bias):
-    ``out`` in the input dtype, ``lse`` in natural log, ``-inf`` for a row with no key."""
-    out, row_max, row_sum = attention_forward(cfg, Mods(precision=precision), Operands(q=q, k=k, v=v))
+    ``out`` in the input dtype, ``lse`` in natural log, ``-inf`` for a row with no key.
+
+    ``arrays``: the dynamic parts of ``cfg``'s structured mask, as ``Operands`` names them:
+    ``q_lengths``/``kv_lengths`` ``[Z]``, ``q_segments`` ``[Z, L]``, ``kv_segments`` ``[Z, S]``."""
+    ops = Operands(q=q, k=k, v=v, **arrays)
+    out, row_max, row_sum = attention_forward(cfg, Mods(precision=precision), ops)
     return out, log_sum_exp(row_max, row_sum)
 
 
-def backward_block(cfg: KernelConfig, q, k, v, out, lse, d_out, *, precision=_DEFAULT_PRECISION):
+def backward_block(cfg: KernelConfig, q, k, v, out, lse, d_out, *, precision=_DEFAULT_PRECISION, **arrays):
     """``(dq, dk, dv)`` (layouts of ``q, k, v``; their dtype) of one block, given ``out`` and the
     natural ``lse`` of the rows over *all* their keys (e.g. a ring's global ones).
 
     With ``lse`` as the row max and 1 as the row sum the backward recomputes
     ``P = exp(S - lse)``: the block's share of the whole softmax, so its gradients are exact
     parts of the whole ones (``delta = rowsum(dO * O)`` uses the given ``out``). Rows with
-    ``lse = -inf`` (no key at all) get zero gradient."""
+    ``lse = -inf`` (no key at all) get zero gradient. ``arrays``: as in ``forward_block``."""
     has_keys = lse > -jnp.inf
     row_max = jnp.where(has_keys, lse, 0.0)
     row_sum = has_keys.astype(lse.dtype)
     mods = Mods(precision=precision)
     dq, dk, dv, _, _ = attention_backward(
-        cfg, mods, Operands(q=q, k=k, v=v), out, row_max, row_sum, d_out, None
+        cfg, mods, Operands(q=q, k=k, v=v, **arrays), out, row_max, row_sum, d_out, None
     )
     return dq, dk, dv

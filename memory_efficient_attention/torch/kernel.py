@@ -74,12 +74,15 @@ def attention_weights(
     return _attention_weights(q5, k4, dims, options, arrays, mods, **rest)
 
 
-def forward_block(cfg: KernelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+def forward_block(cfg: KernelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **arrays):
     """``(out [Z, K, L, G, E], lse [Z, K, L, G])`` of one block (no mask beyond ``cfg``'s, no
     bias, no autograd): ``out`` in the input dtype, ``lse`` in natural log and the compute dtype,
-    ``-inf`` for a row with no key."""
+    ``-inf`` for a row with no key.
+
+    ``arrays``: the dynamic parts of ``cfg``'s structured mask, as ``Operands`` names them:
+    ``q_lengths``/``kv_lengths`` ``[Z]``, ``q_segments`` ``[Z, L]``, ``kv_segments`` ``[Z, S]``."""
     mods = Mods()
-    out, row_max, row_sum = attention_forward(cfg, mods, Operands(q=q, k=k, v=v), 0)
+    out, row_max, row_sum = attention_forward(cfg, mods, Operands(q=q, k=k, v=v, **arrays), 0)
     return out, log_sum_exp(row_max, row_sum, mods)
 
 
@@ -91,18 +94,20 @@ def backward_block(
     out: torch.Tensor,
     lse: torch.Tensor,
     d_out: torch.Tensor,
+    **arrays,
 ):
     """``(dq, dk, dv)`` (layouts of ``q, k, v``; their dtype) of one block, given ``out`` and the
     natural ``lse`` of the rows over *all* their keys (e.g. a ring's global ones).
 
     The backward recomputes ``P = exp(S - lse)``: the block's share of the whole softmax, so its
     gradients are exact parts of the whole ones (``delta = rowsum(dO * O)`` uses the given
-    ``out``). Rows with ``lse = -inf`` (no key at all) get zero gradient."""
+    ``out``). Rows with ``lse = -inf`` (no key at all) get zero gradient. ``arrays``: as in
+    ``forward_block``."""
     mods = Mods()
     has_keys = lse > _NEG_INF
     row_max = torch.where(has_keys, lse * _unit(mods), torch.zeros((), dtype=lse.dtype))
     row_sum = has_keys.to(lse.dtype)
     dq, dk, dv, _ = attention_backward(
-        cfg, mods, Operands(q=q, k=k, v=v), 0, out, row_max, row_sum, d_out, None, False
+        cfg, mods, Operands(q=q, k=k, v=v, **arrays), 0, out, row_max, row_sum, d_out, None, False
     )
     return dq, dk, dv
