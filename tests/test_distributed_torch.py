@@ -4,19 +4,14 @@ arrays and reports the errors back through a file."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import time
-
 import pytest
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 from memory_efficient_attention import AttentionInputError  # noqa: E402
 
+from .gloo_ranks import run_ranks  # noqa: E402
 from .ring_cases import CASES as MASK_CASES  # noqa: E402
 
 WORLD = 3
@@ -98,12 +93,6 @@ def _bf16_ratio(rank: int, world: int) -> float:
     ).item()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _subtest(rank: int, world: int, is_causal: bool, layout: str, lq: int, lk: int, chunk: int):
     """Max abs errors of this rank's shards of ``out, dq, dk, dv`` against the single process."""
     from memory_efficient_attention.distributed.torch import from_zigzag, ring_attention, to_zigzag
@@ -167,67 +156,39 @@ def _mask_subtest(rank: int, world: int, variant, layout, options, q_factor, len
     return errors + [(g - shard(r)).abs().max().item() for g, r in zip(grads, ref_grads)]
 
 
-def _worker(rank: int, world: int, port: int, folder: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    results = {}
+def _record(results: dict, name: str, fn, *args) -> None:
     try:
-        for name, *args in SUBTESTS:
-            try:
-                results[name] = _subtest(rank, world, *args)
-            except Exception as err:  # reported to the parent, which fails the test
-                results[name] = f"{type(err).__name__}: {err}"
-                raise
-        for name, kwargs, kv_heads, segments in ULYSSES_SUBTESTS:
-            try:
-                results[name] = _ulysses_subtest(rank, world, kwargs, kv_heads, segments)
-            except Exception as err:
-                results[name] = f"{type(err).__name__}: {err}"
-                raise
-        for name, *args in MASK_CASES:
-            try:
-                results[name] = _mask_subtest(rank, world, *args)
-            except Exception as err:
-                results[name] = f"{type(err).__name__}: {err}"
-                raise
-        results["bf16-error-ratio"] = [_bf16_ratio(rank, world)]
-        # A subgroup of two ranks forms its own ring (the others skip it, as collectives require).
-        sub = dist.new_group([0, 1])
-        if rank in (0, 1):
-            from memory_efficient_attention.distributed.torch import ring_attention
+        results[name] = fn(*args)
+    except Exception as err:  # reported to the parent, which fails the test
+        results[name] = f"{type(err).__name__}: {err}"
+        raise
 
-            gen = torch.Generator().manual_seed(7)
-            q, k, v = torch.randn(3, 1, 8, 2, 4, dtype=torch.float64, generator=gen).unbind(0)
-            out = ring_attention(q.chunk(2, 1)[rank], k.chunk(2, 1)[rank], v.chunk(2, 1)[rank], group=sub)
-            ref = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            ).transpose(1, 2)
-            results["subgroup"] = [(out - ref.chunk(2, 1)[rank]).abs().max().item()]
-        dist.barrier()
-    finally:
-        with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
+
+def _worker(rank: int, world: int, results: dict) -> None:
+    for name, *args in SUBTESTS:
+        _record(results, name, _subtest, rank, world, *args)
+    for name, kwargs, kv_heads, segments in ULYSSES_SUBTESTS:
+        _record(results, name, _ulysses_subtest, rank, world, kwargs, kv_heads, segments)
+    for name, *args in MASK_CASES:
+        _record(results, name, _mask_subtest, rank, world, *args)
+    results["bf16-error-ratio"] = [_bf16_ratio(rank, world)]
+    # A subgroup of two ranks forms its own ring (the others skip it, as collectives require).
+    sub = dist.new_group([0, 1])
+    if rank in (0, 1):
+        from memory_efficient_attention.distributed.torch import ring_attention
+
+        gen = torch.Generator().manual_seed(7)
+        q, k, v = torch.randn(3, 1, 8, 2, 4, dtype=torch.float64, generator=gen).unbind(0)
+        out = ring_attention(q.chunk(2, 1)[rank], k.chunk(2, 1)[rank], v.chunk(2, 1)[rank], group=sub)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        ).transpose(1, 2)
+        results["subgroup"] = [(out - ref.chunk(2, 1)[rank]).abs().max().item()]
 
 
 @pytest.fixture(scope="module")
 def ring_results(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("ring"))
-    ctx = mp.start_processes(
-        _worker, args=(WORLD, _free_port(), folder), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the gloo ranks did not finish in 240 s (a hang in the ring?)")
-    results = []
-    for rank in range(WORLD):
-        with open(os.path.join(folder, f"rank{rank}.json")) as f:
-            results.append(json.load(f))
-    return results
+    return run_ranks(_worker, WORLD, str(tmp_path_factory.mktemp("ring")))
 
 
 def test_bf16_ring_error_does_not_grow_with_ranks(ring_results):

@@ -280,14 +280,30 @@ ULYSSES_KEYWORDS = (
 )  # fmt: skip
 
 
-def check_ulysses_keywords(kernel_arguments, extra=()) -> None:
-    """``TypeError`` for a keyword Ulysses does not pass on (``ULYSSES_KEYWORDS`` + ``extra``)."""
-    allowed = (*ULYSSES_KEYWORDS, *extra)
+# What Ulysses passes on to a ring (the hybrid): the ring's own keywords.
+RING_KEYWORDS = (
+    "scale", "is_causal", "causal_alignment", "local_window_size", "query_seq_lengths",
+    "key_value_seq_lengths", "logits_soft_cap", "query_chunk_size", "key_chunk_size",
+)  # fmt: skip
+
+
+def check_ulysses_keywords(kernel_arguments, extra=(), *, ring: bool = False, layout="contiguous",
+                           variant="ring") -> None:  # fmt: skip
+    """``TypeError`` for a keyword Ulysses does not pass on (``ULYSSES_KEYWORDS`` + ``extra``;
+    with a ``ring``, the ring's ``RING_KEYWORDS`` + ``extra``); ``AttentionInputError`` for a
+    ring ``layout``/``variant`` without a ring."""
+    allowed = (*(RING_KEYWORDS if ring else ULYSSES_KEYWORDS), *extra)
     unknown = sorted(set(kernel_arguments) - set(allowed))
     if unknown:
+        where = "with a ring" if ring else ""
         raise TypeError(
-            f"ulysses_attention got unexpected keyword arguments {unknown}; it takes "
+            f"ulysses_attention {where}got unexpected keyword arguments {unknown}; it takes "
             f"{', '.join(allowed)} and the segment ids"
+        )
+    if not ring and (layout != "contiguous" or variant != "ring"):
+        raise AttentionInputError(
+            f"layout={layout!r} and variant={variant!r} choose how the ring of the Ulysses x ring "
+            "hybrid runs: pass the ring's mesh axis (JAX) or process group (torch) with them"
         )
 
 

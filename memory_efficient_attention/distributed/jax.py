@@ -546,10 +546,14 @@ def ulysses_attention(
     axis_name: Hashable,
     query_segment_ids: jax.Array | None = None,
     key_segment_ids: jax.Array | None = None,
+    ring_axis_name: Hashable | None = None,
+    layout: str = "contiguous",
+    variant: str = "ring",
     **kernel_arguments,
 ) -> jax.Array:
     """Exact attention over a sequence sharded along ``axis_name`` by all-to-all over heads
-    (DeepSpeed-Ulysses); call it inside ``jax.shard_map`` on each device's shard.
+    (DeepSpeed-Ulysses), optionally with a ring over a second mesh axis (the Ulysses x ring
+    hybrid, "USP"); call it inside ``jax.shard_map`` on each device's shard.
 
     Each device holds a contiguous part of the sequence, ``[B..., L/W, H, D]``. One all-to-all
     turns that into the whole sequence for ``H/W`` heads, the kernel attends locally with every
@@ -570,6 +574,14 @@ def ulysses_attention(
         ``key_value_seq_lengths`` (``[B...]``, global positions), ``logits_soft_cap``, the chunk
         sizes, ``memory_budget``, ``precision``, ``return_lse`` (the lse comes back sharded
         like the output, ``[B..., L/W, H]``).
+      ring_axis_name: a second mesh axis of ``R`` devices for the hybrid: the sequence is
+        sharded over ``(ring_axis_name, axis_name)``, ring-major (device ``(r, u)`` holds part
+        ``u`` of ring shard ``r``); the all-to-all over ``axis_name`` gives each device ring
+        shard ``r`` for ``H/W`` heads, and ``ring_attention`` over ``ring_axis_name`` attends
+        it to the whole sequence with the ring's keywords (``memory_budget`` and
+        ``return_lse`` are not among them). Memory per device O(L * H / (W * R)).
+      layout, variant: the ring's (with ``ring_axis_name`` only); for ``layout="zigzag"`` the
+        global sequence is ``to_zigzag(x, R)`` before it is sharded.
 
     Example (one device here; on ``W`` devices the same code exchanges heads)::
 
@@ -588,7 +600,11 @@ def ulysses_attention(
     """
     from ..jax import efficient_dot_product_attention
 
-    check_ulysses_keywords(kernel_arguments)
+    ring = ring_axis_name is not None
+    check_ulysses_keywords(kernel_arguments, ("precision",), ring=ring, layout=layout, variant=variant)
+    attention = efficient_dot_product_attention
+    if ring:
+        attention = partial(ring_attention, axis_name=ring_axis_name, layout=layout, variant=variant)
     try:
         world = lax.axis_size(axis_name)
     except NameError as err:
@@ -609,5 +625,5 @@ def ulysses_attention(
     def gather(ids):
         return None if ids is None else lax.all_gather(ids, axis_name, axis=ids.ndim - 1, tiled=True)
 
-    return ulysses_flow(efficient_dot_product_attention, to_heads, to_sequence, gather, query, key, value,
-                        query_segment_ids, key_segment_ids, kernel_arguments)  # fmt: skip
+    return ulysses_flow(attention, to_heads, to_sequence, gather, query, key, value, query_segment_ids,
+                        key_segment_ids, kernel_arguments)  # fmt: skip

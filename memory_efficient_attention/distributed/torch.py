@@ -447,6 +447,9 @@ def ulysses_attention(
     group: dist.ProcessGroup | None = None,
     query_segment_ids: torch.Tensor | None = None,
     key_segment_ids: torch.Tensor | None = None,
+    ring_group: dist.ProcessGroup | None = None,
+    layout: str = "contiguous",
+    variant: str = "ring",
     **kernel_arguments,
 ):
     """Exact attention over a sequence sharded over the ranks of ``group`` by all-to-all over
@@ -467,10 +470,29 @@ def ulysses_attention(
         ``query_seq_lengths``, ``key_value_seq_lengths`` (global, ``[B...]``), ``logits_soft_cap``,
         the chunk sizes, ``memory_budget``, ``engine``, ``return_lse`` (the lse sharded like the
         output, ``[B..., L/W, H]``).
+      ring_group: a second process group of ``R`` ranks for the Ulysses x ring hybrid, as in
+        ``distributed.jax.ulysses_attention``: the sequence is sharded ring-major (the rank at
+        position ``u`` of ``group`` and ``r`` of ``ring_group`` holds part ``u`` of ring shard
+        ``r``); after the all-to-all over ``group``, ``ring_attention`` over ``ring_group``
+        attends with the ring's keywords.
+      layout, variant: the ring's (with ``ring_group`` only).
+
+    Example: 4 ranks as 2 (Ulysses) x 2 (ring); ranks ``{0, 1}`` and ``{2, 3}`` exchange heads,
+    ``{0, 2}`` and ``{1, 3}`` form rings (every rank creates every group, as
+    ``torch.distributed.new_group`` requires)::
+
+        uly = [dist.new_group(g) for g in ([0, 1], [2, 3])][rank // 2]
+        ring = [dist.new_group(g) for g in ([0, 2], [1, 3])][rank % 2]
+        out = ulysses_attention(q, k, v, group=uly, ring_group=ring, is_causal=True)
     """
     from ..torch import efficient_dot_product_attention
 
-    check_ulysses_keywords(kernel_arguments, extra=("engine",))
+    ring = ring_group is not None
+    check_ulysses_keywords(kernel_arguments, () if ring else ("engine",), ring=ring, layout=layout,
+                           variant=variant)  # fmt: skip
+    attention = efficient_dot_product_attention
+    if ring:
+        attention = partial(ring_attention, group=ring_group, layout=layout, variant=variant)
     if not dist.is_initialized():
         raise RuntimeError("ulysses_attention needs torch.distributed initialised (init_process_group)")
     world = dist.get_world_size(group)
@@ -491,5 +513,5 @@ def ulysses_attention(
     def to_sequence(x, seq_axis):
         return _AllToAll.apply(x, group, seq_axis, seq_axis + 1)
 
-    return ulysses_flow(efficient_dot_product_attention, to_heads, to_sequence, gather, query, key, value,
-                        query_segment_ids, key_segment_ids, kernel_arguments)  # fmt: skip
+    return ulysses_flow(attention, to_heads, to_sequence, gather, query, key, value, query_segment_ids,
+                        key_segment_ids, kernel_arguments)  # fmt: skip
