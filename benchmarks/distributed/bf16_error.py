@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from functools import partial
 
 
 def main() -> None:
@@ -39,12 +40,8 @@ def main() -> None:
         ring = ring_attention_sharded(q, k, v, mesh, "seq", is_causal=True, layout="zigzag")
         results[f"ring, {world} devices"] = _errors(ring.astype(jnp.float64), exact)
         put = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)]
-        uly = jax.jit(
-            jax.shard_map(
-                lambda q, k, v: ulysses_attention(q, k, v, axis_name="seq", is_causal=True),
-                mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
-            )  # fmt: skip
-        )(*put)
+        local = partial(ulysses_attention, axis_name="seq", is_causal=True)
+        uly = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))(*put)
         results[f"ulysses, {world} devices"] = _errors(uly.astype(jnp.float64), exact)
     for name, err in results.items():
         print(f"{name:22s} max |err| {err['max']:.3e}  mean |err| {err['mean']:.3e}")

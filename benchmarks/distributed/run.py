@@ -41,7 +41,7 @@ def _dense_bytes(n: int) -> int:
 _JAX_SCRIPT = """
 import json, sys, time
 import jax
-W, L = int(sys.argv[1]), int(sys.argv[2])
+W, L, VARIANT = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 jax.config.update("jax_num_cpu_devices", W)
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -54,7 +54,8 @@ make = jax.jit(lambda key, heads: jax.random.normal(key, (1, W * L, heads, D), j
                static_argnums=1, out_shardings=shard)
 q, k, v = (make(jax.random.key(i), h) for i, h in enumerate((H, K, K)))
 local = jax.shard_map(
-    lambda q, k, v: ring_attention(q, k, v, axis_name="seq", is_causal=True, layout="zigzag"),
+    lambda q, k, v: ring_attention(q, k, v, axis_name="seq", is_causal=True, layout="zigzag",
+                                   variant=VARIANT),
     mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
 
 def loss(q, k, v):
@@ -70,17 +71,17 @@ t0 = time.perf_counter()
 jax.block_until_ready(compiled(q, k, v))
 run_s = time.perf_counter() - t0
 print("RESULT", json.dumps(dict(
-    framework="jax", world=W, local_len=L, global_len=W * L,
+    framework="jax", variant=VARIANT, world=W, local_len=L, global_len=W * L,
     per_device_bytes=mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes,
     temp_bytes=mem.temp_size_in_bytes, compile_s=compile_s, step_s=run_s)))
 """
 
 
-def run_jax(world: int, local_len: int) -> dict:
+def run_jax(world: int, local_len: int, variant: str) -> dict:
     script = _JAX_SCRIPT.format(heads=HEADS, kv_heads=KV_HEADS, depth=DEPTH)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
-        [sys.executable, "-c", script, str(world), str(local_len)],
+        [sys.executable, "-c", script, str(world), str(local_len), variant],
         capture_output=True,
         text=True,
         env=env,
@@ -122,7 +123,7 @@ def _peak_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _torch_worker(rank: int, world: int, local_len: int, port: int, queue) -> None:
+def _torch_worker(rank: int, world: int, local_len: int, variant: str, port: int, queue) -> None:
     import torch
     import torch.distributed as dist
 
@@ -137,7 +138,7 @@ def _torch_worker(rank: int, world: int, local_len: int, port: int, queue) -> No
     v = torch.randn(1, local_len, KV_HEADS, DEPTH, generator=gen, requires_grad=True)
 
     def step(q, k, v):
-        out = ring_attention(q, k, v, is_causal=True, layout="zigzag")
+        out = ring_attention(q, k, v, is_causal=True, layout="zigzag", variant=variant)
         out.sum().backward()
 
     # warm-up on a tiny shard: loads the lazily initialised code paths without caching big buffers
@@ -154,7 +155,7 @@ def _torch_worker(rank: int, world: int, local_len: int, port: int, queue) -> No
     dist.destroy_process_group()
 
 
-def run_torch(world: int, local_len: int) -> dict:
+def run_torch(world: int, local_len: int, variant: str) -> dict:
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -163,11 +164,12 @@ def run_torch(world: int, local_len: int) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     mp.start_processes(
-        _torch_worker, args=(world, local_len, port, queue), nprocs=world, start_method="spawn"
+        _torch_worker, args=(world, local_len, variant, port, queue), nprocs=world, start_method="spawn"
     )
     ranks = [queue.get() for _ in range(world)]
     return dict(
         framework="torch",
+        variant=variant,
         world=world,
         local_len=local_len,
         global_len=world * local_len,
@@ -191,22 +193,27 @@ def main() -> None:
     parser.add_argument("--framework", choices=("jax", "torch", "both"), default="both")
     parser.add_argument("--local-len", type=int, default=1024, help="sequence length per device")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--variants", nargs="+", default=["ring"], choices=("ring", "allgather"))
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     frameworks = ("jax", "torch") if args.framework == "both" else (args.framework,)
     results = []
-    print("| framework | devices | global n | per-device memory (MiB) | dense scores at n (MiB) | s/step |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| framework | variant | devices | global n | per-device memory (MiB) | dense scores at n (MiB) "
+        "| s/step |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for fw in frameworks:
-        for world in args.worlds:
-            r = (run_jax if fw == "jax" else run_torch)(world, args.local_len)
-            r["dense_scores_bytes"] = _dense_bytes(r["global_len"])
-            results.append(r)
-            print(
-                f"| {fw} | {world} | {r['global_len']} | {_mib(r['per_device_bytes'])} | "
-                f"{_mib(r['dense_scores_bytes'])} | {r['step_s']:.2f} |",
-                flush=True,
-            )
+        for variant in args.variants:
+            for world in args.worlds:
+                r = (run_jax if fw == "jax" else run_torch)(world, args.local_len, variant)
+                r["dense_scores_bytes"] = _dense_bytes(r["global_len"])
+                results.append(r)
+                print(
+                    f"| {fw} | {variant} | {world} | {r['global_len']} | {_mib(r['per_device_bytes'])} | "
+                    f"{_mib(r['dense_scores_bytes'])} | {r['step_s']:.2f} |",
+                    flush=True,
+                )
     if args.out:
         config = dict(heads=HEADS, kv_heads=KV_HEADS, depth=DEPTH, causal=True, layout="zigzag")
         with open(args.out, "w") as f:

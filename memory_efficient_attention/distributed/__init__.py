@@ -13,8 +13,8 @@ heads for sequence with all-to-alls.
 Importing this package imports neither framework; each submodule loads on first use::
 
     >>> import memory_efficient_attention.distributed as dist_attention
-    >>> dist_attention.LAYOUTS
-    ('contiguous', 'zigzag')
+    >>> dist_attention.LAYOUTS, dist_attention.VARIANTS
+    (('contiguous', 'zigzag'), ('ring', 'allgather'))
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from ._plan import LAYOUTS, zigzag_permutation
+from ._plan import LAYOUTS, VARIANTS, zigzag_permutation
 
-__all__ = ["LAYOUTS", "jax", "torch", "zigzag_permutation"]
+__all__ = ["LAYOUTS", "VARIANTS", "jax", "torch", "zigzag_permutation"]
 
 
 def __getattr__(name: str) -> ModuleType:

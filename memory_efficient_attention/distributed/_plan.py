@@ -127,6 +127,9 @@ def pair_blocks(mask: RingMask, layout: str, world: int, rank: int, source: int,
     """The blocks of device ``rank``'s queries against device ``source``'s keys: one per pair of
     pieces the static mask does not leave empty. A block the static mask keeps whole gets no
     static mask (no causal, no window), so such blocks compare equal whatever their distance."""
+    if _one_causal_block(mask, rank, source, q_len, kv_len):
+        flags = dict(q_lengths=False, kv_lengths=False, segments=mask.segments)
+        return (PieceBlock(0, 0, 0, q_len, 0, kv_len, StructuredMask(q_len, kv_len, True, **flags)),)
     blocks = []
     for qp, (gq, lq, nq) in enumerate(shard_pieces(layout, world, rank, q_len)):
         for kp, (gk, lk, nk) in enumerate(shard_pieces(layout, world, source, kv_len)):
@@ -141,6 +144,14 @@ def pair_blocks(mask: RingMask, layout: str, world: int, rank: int, source: int,
             )
             blocks.append(PieceBlock(qp, kp, lq, lq + nq, lk, lk + nk, structure))
     return _merge_full(blocks, mask)
+
+
+def _one_causal_block(mask: RingMask, rank: int, source: int, q_len: int, kv_len: int) -> bool:
+    """Whether a device's own shard under a plain top-left causal mask is one causal block: its
+    positions increase along the shard (both layouts), so global order is local order; lengths
+    would need the pieces apart (they are clipped per piece)."""
+    plain = mask.causal and mask.window is None and mask.offset == 0 and q_len == kv_len
+    return plain and rank == source and not (mask.q_lengths or mask.kv_lengths)
 
 
 def _merge_full(blocks: list[PieceBlock], mask: RingMask) -> tuple[PieceBlock, ...]:
