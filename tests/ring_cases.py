@@ -23,6 +23,9 @@ CASES = [
     ("segments-causal-contiguous-allgather", "allgather", "contiguous", {"is_causal": True}, 1, False, True),
     ("causal-zigzag-allgather", "allgather", "zigzag", {"is_causal": True}, 1, False, False),
     ("full-contiguous-allgather", "allgather", "contiguous", {}, 1, False, False),
+    ("bottom-right-window-zigzag-allgather", "allgather", "zigzag",
+     {"is_causal": True, "causal_alignment": "bottom_right", "local_window_size": (10, 0)},
+     0.5, False, False),
 ]  # fmt: skip
 
 

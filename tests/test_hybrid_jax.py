@@ -13,13 +13,16 @@ pytest.importorskip("jax")
 
 from .python_process import ROOT, jax_results
 
-# (name, layout, variant, options, lengths, segments, key/value heads)
+# (name, layout, variant, options, lengths, segments, key/value heads, query length factor)
 CASES = [
-    ("hybrid-causal-zigzag", "zigzag", "ring", {"is_causal": True}, False, False, 2),
-    ("hybrid-window-segments", "contiguous", "ring", {"local_window_size": (9, 2)}, False, True, 2),
-    ("hybrid-lengths-allgather", "contiguous", "allgather", {"is_causal": True}, True, False, 2),
-    ("hybrid-gqa-one-kv-head", "zigzag", "ring", {"is_causal": True}, False, False, 1),
-]
+    ("hybrid-causal-zigzag", "zigzag", "ring", {"is_causal": True}, False, False, 2, 1),
+    ("hybrid-window-segments", "contiguous", "ring", {"local_window_size": (9, 2)}, False, True, 2, 1),
+    ("hybrid-lengths-allgather", "contiguous", "allgather", {"is_causal": True}, True, False, 2, 1),
+    ("hybrid-gqa-one-kv-head", "zigzag", "ring", {"is_causal": True}, False, False, 1, 1),
+    ("hybrid-bottom-right-window", "contiguous", "ring",
+     {"is_causal": True, "causal_alignment": "bottom_right", "local_window_size": (11, 0)},
+     False, False, 2, 0.5),
+]  # fmt: skip
 
 SCRIPT = textwrap.dedent(
     """
@@ -39,8 +42,8 @@ SCRIPT = textwrap.dedent(
     spec = P(None, ("ring", "uly"))
     put = lambda x: jax.device_put(x, NamedSharding(mesh, spec))
     results = {}
-    for name, layout, variant, options, lengths, segments, kv_heads in CASES:
-        arrays, ints = inputs(R * U, 12, 1, lengths, segments)
+    for name, layout, variant, options, lengths, segments, kv_heads, q_factor in CASES:
+        arrays, ints = inputs(R * U, 12, q_factor, lengths, segments)
         q, k, v, d_out = (jnp.asarray(arrays[x]) for x in ("q", "k", "v", "d_out"))
         k, v = k[:, :, :kv_heads], v[:, :, :kv_heads]
         keep = jnp.asarray(keep_mask(options, q.shape[1], k.shape[1], ints))

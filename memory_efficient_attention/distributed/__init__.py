@@ -6,6 +6,8 @@ heads for sequence with all-to-alls.
 * ``memory_efficient_attention.distributed.jax``: ``ring_attention`` and ``ulysses_attention``
   inside ``jax.shard_map``, ``ring_attention_sharded`` on global arrays and a mesh,
   ``to_zigzag`` / ``from_zigzag``.
+* ``balance_documents`` / ``device_work`` / ``token_order`` (numpy): an order of packed
+  documents that spreads causal work evenly over the devices (``documents``).
 * ``memory_efficient_attention.distributed.torch``: ``ring_attention`` and ``ulysses_attention``
   on each rank's shard over ``torch.distributed`` (gloo on CPU, NCCL on CUDA), ``to_zigzag`` /
   ``from_zigzag``.
@@ -23,8 +25,18 @@ import importlib
 from types import ModuleType
 
 from ._plan import LAYOUTS, VARIANTS, zigzag_permutation
+from .documents import balance_documents, device_work, token_order
 
-__all__ = ["LAYOUTS", "VARIANTS", "jax", "torch", "zigzag_permutation"]
+__all__ = [
+    "LAYOUTS",
+    "VARIANTS",
+    "balance_documents",
+    "device_work",
+    "jax",
+    "token_order",
+    "torch",
+    "zigzag_permutation",
+]
 
 
 def __getattr__(name: str) -> ModuleType:
