@@ -99,6 +99,34 @@ def check_sinks(shape: Sequence[int] | None, dtype_name: str | None, dims: Dims)
         raise AttentionInputError(f"sinks must be floating point, got dtype {dtype_name}")
 
 
+def paged_key_shapes(q_shape, k_shape, v_shape, table_shape, table_dtype: str):
+    """Check a paged KV cache and give the shapes of its gathered keys and values.
+
+    ``key``/``value`` are page pools ``[P, page, K, D]`` / ``[P, page, K, E]``; ``block_table``
+    (integer ``[B..., n]``, the query's batch dims) lists each row's pages in order, so row ``b``
+    sees ``n * page`` keys (``key_value_seq_lengths`` says how many are filled). Returns the
+    shapes ``[B..., n * page, K, D]`` / ``[B..., n * page, K, E]``.
+
+    >>> paged_key_shapes((2, 1, 8, 16), (10, 4, 2, 16), (10, 4, 2, 16), (2, 3), "int32")
+    ((2, 12, 2, 16), (2, 12, 2, 16))
+    """
+    if not table_dtype.startswith(("int", "uint")):
+        raise AttentionInputError(f"block_table must hold integers, got dtype {table_dtype}")
+    if len(k_shape) != 4 or len(v_shape) != 4 or tuple(k_shape[:3]) != tuple(v_shape[:3]):
+        raise AttentionInputError(
+            f"with block_table, key and value are page pools [P, page, K, D] / [P, page, K, E]; got "
+            f"key {describe(k_shape)}, value {describe(v_shape)}"
+        )
+    batch = tuple(q_shape[:-3])
+    if len(table_shape) < 1 or tuple(table_shape[:-1]) != batch:
+        raise AttentionInputError(
+            f"block_table has shape {describe(table_shape)}, but needs "
+            f"({', '.join(str(b) for b in (*batch, 'n'))}) = [B..., pages per row] (the query's batch dims)"
+        )
+    keys = table_shape[-1] * k_shape[1]
+    return (*batch, keys, *k_shape[2:]), (*batch, keys, *v_shape[2:])
+
+
 def mask_fill_value(mask_fill: str, finfo_min: float) -> float:
     """The score a dense mask gives a masked pair: ``finfo_min`` of the compute dtype under the
     seed's rule ``"min"`` (the key stays in the softmax with weight 0 unless its whole row is

@@ -12,7 +12,7 @@ gradients (q, k, v) through this package's kernel, in O(n) memory. Differences: 
 is accepted and always true; with ``return_attn_probs`` the third result (flash-attn's dropout
 pattern ``S_dmask``, for testing) is None; the lse is ``[B, H, L]`` in float32 (float64 for float64
 inputs), ``-inf`` for a row with no key. ``flash_attn_with_kvcache`` takes contiguous and paged
-caches (``block_table``); ``cache_leftpad`` is not supported yet, ``num_splits`` is ignored.
+caches (``block_table``); ``num_splits`` is ignored.
 
 Shape legend: ``B`` batch, ``L``/``S`` query/key lengths, ``H``/``K`` query/key-value heads,
 ``D`` depth; varlen: ``T`` total tokens, ``cu_seqlens`` ``[B + 1]`` int32 offsets.
@@ -320,11 +320,11 @@ def flash_attn_with_kvcache(
     row ``b`` attends to its first ``cache_seqlens[b] (+ L_new)`` keys, causal/window aligned to
     that length's bottom-right corner. ``rotary_cos``/``rotary_sin`` ``[positions, R / 2]``
     rotate the new keys at their positions and q at ``cache_seqlens + i`` (causal or windowed) or
-    at ``cache_seqlens`` (otherwise), as flash-attn does. Returns ``out`` (and the lse
-    ``[B, H, L]`` with ``return_softmax_lse``).
+    at ``cache_seqlens`` (otherwise), as flash-attn does. ``cache_leftpad`` ``[B]``: row ``b``'s
+    cache starts at that position (keys before it are left padding, excluded; the causal/window
+    diagonal stays aligned to the last key). Returns ``out`` (and the lse ``[B, H, L]`` with
+    ``return_softmax_lse``).
     """
-    if cache_leftpad is not None:
-        raise NotImplementedError("cache_leftpad is not supported yet")
     _check_scalars(0.0, softcap)
     if q.dim() != 4:
         raise AttentionInputError(f"q must be a 4-d tensor [B, L, H, D], got shape {describe(q.shape)}")
@@ -361,6 +361,14 @@ def flash_attn_with_kvcache(
                 k_cache[rows[:, None], positions] = k.to(k_cache.dtype)
                 v_cache[rows[:, None], positions] = v.to(v_cache.dtype)
     total = seqlens + new
+    leftpad = None
+    if cache_leftpad is not None:
+        leftpad = torch.as_tensor(cache_leftpad, device=dev).long().expand(B)
+        if bool((leftpad < 0).any()) or bool((leftpad > seqlens).any()):
+            raise AttentionInputError(
+                f"cache_leftpad must lie in [0, cache_seqlens]; got {leftpad.tolist()} for cache_seqlens "
+                f"{seqlens.tolist()}"
+            )
     if rotary_cos is not None:
         moving = causal or tuple(window_size) != (-1, -1)
         steps = torch.arange(L, device=dev) if moving else torch.zeros(L, dtype=torch.long, device=dev)
@@ -372,7 +380,7 @@ def flash_attn_with_kvcache(
     window = _window(window_size, causal)
     slopes = _slopes(alibi_slopes, q.shape[2], B)
     options = dict(scale=softmax_scale, logits_soft_cap=float(softcap) or None, return_lse=True)
-    if bool((total == total[0]).all()):  # one length: the cache's first keys, structured masks
+    if leftpad is None and bool((total == total[0]).all()):  # one length: structured masks
         n = int(total[0])
         alibi = _alibi(slopes, lambda b, i: b, lambda b, i, j: i + (n - L) - j)
         out, lse = efficient_dot_product_attention(
@@ -382,12 +390,13 @@ def flash_attn_with_kvcache(
         return (out, lse.transpose(1, 2)) if return_softmax_lse else out
     offset = total - L  # query i of row b sits at key position offset[b] + i
     mask_mod = None
-    if window is not None or causal:
-        left, right = window if window is not None else (2**31 - 1, 0)
+    if window is not None or causal or leftpad is not None:
+        left, right = window if window is not None else (2**31 - 1, 0 if causal else 2**31 - 1)
+        first = leftpad if leftpad is not None else torch.zeros_like(total)
 
         def mask_mod(b, h, q_idx, kv_idx):
-            diag = offset[b] + q_idx
-            return (kv_idx <= diag + right) & (kv_idx >= diag - left)
+            diag = offset[b] + q_idx  # leftpad shifts keys and length alike: the diagonal stays
+            return (kv_idx <= diag + right) & (kv_idx >= diag - left) & (kv_idx >= first[b])
 
     score_mod = _alibi(slopes, lambda b, i: b, lambda b, i, j: i + offset[b] - j)
     out, lse = efficient_dot_product_attention(

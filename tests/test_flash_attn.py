@@ -213,6 +213,9 @@ KVCACHE = [
     dict(causal=True, alibi="batch"),
     dict(causal=True, rotary=True),
     dict(rotary=True, interleaved=False),
+    dict(causal=True, leftpad=True),
+    dict(leftpad=True, alibi="batch"),
+    dict(window=(4, 1), causal=True, rotary=True, leftpad=True),
 ]
 
 
@@ -236,6 +239,8 @@ def test_with_kvcache_appends_in_place_and_matches_the_reference(setting, paged)
     alibi = _alibi(setting.pop("alibi", None), B, H)
     if alibi is not None:
         alibi = torch.cat([alibi, alibi[:1] * 3])  # [B, H] with B = 3
+    # left padding: row b's cache starts at leftpad[b] (flash-attn's cache_leftpad)
+    leftpad = torch.tensor([3, 0, 9]) if setting.pop("leftpad", False) else None
     # the reference: append by hand (rotated keys), then dense attention on each row's prefix
     moving = setting.get("causal", False) or "window" in setting
     pos = seqlens.long()[:, None] + torch.arange(L)
@@ -246,13 +251,12 @@ def test_with_kvcache_appends_in_place_and_matches_the_reference(setting, paged)
     refs = []
     for b in range(B):
         n = int(seqlens[b])
+        lp = 0 if leftpad is None else int(leftpad[b])
         want_k[b, n : n + L], want_v[b, n : n + L] = k_ref[b], v_new[b]
         a = None if alibi is None else alibi[b]
-        refs.append(
-            reference(
-                q_ref[b : b + 1], want_k[b : b + 1, : n + L], want_v[b : b + 1, : n + L], alibi=a, **setting
-            )[0]
-        )
+        keys = slice(lp, n + L)
+        row = (q_ref[b : b + 1], want_k[b : b + 1, keys], want_v[b : b + 1, keys])
+        refs.append(reference(*row, alibi=a, **setting)[0])
     if paged:  # pages of 4 positions, scattered in a pool
         page = 4
         order = torch.randperm(B * S // page, generator=g)
@@ -267,7 +271,7 @@ def test_with_kvcache_appends_in_place_and_matches_the_reference(setting, paged)
     out = fa.flash_attn_with_kvcache(
         q, *caches, k=k_new, v=v_new, rotary_cos=cos, rotary_sin=sin, cache_seqlens=seqlens,
         causal=setting.get("causal", False), window_size=setting.get("window", (-1, -1)),
-        alibi_slopes=alibi, rotary_interleaved=interleaved, **extra,
+        alibi_slopes=alibi, rotary_interleaved=interleaved, cache_leftpad=leftpad, **extra,
     )  # fmt: skip
     torch.testing.assert_close(out, torch.cat(refs), atol=1e-10, rtol=1e-10)
     got_k = caches[0][table.long()].flatten(1, 2) if paged else caches[0]

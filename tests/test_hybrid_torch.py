@@ -9,22 +9,25 @@ torch = pytest.importorskip("torch")
 
 from .gloo_ranks import run_ranks  # noqa: E402
 
-# (name, layout, variant, options, lengths, segments, key/value heads)
+# (name, layout, variant, options, lengths, segments, key/value heads, query length factor)
 CASES = [
-    ("hybrid-causal-zigzag", "zigzag", "ring", {"is_causal": True}, False, False, 2),
-    ("hybrid-window-segments", "contiguous", "ring", {"local_window_size": (9, 2)}, False, True, 2),
-    ("hybrid-lengths-allgather", "contiguous", "allgather", {"is_causal": True}, True, False, 1),
-]
+    ("hybrid-causal-zigzag", "zigzag", "ring", {"is_causal": True}, False, False, 2, 1),
+    ("hybrid-window-segments", "contiguous", "ring", {"local_window_size": (9, 2)}, False, True, 2, 1),
+    ("hybrid-lengths-allgather", "contiguous", "allgather", {"is_causal": True}, True, False, 1, 1),
+    ("hybrid-bottom-right-window", "contiguous", "ring",
+     {"is_causal": True, "causal_alignment": "bottom_right", "local_window_size": (11, 0)},
+     False, False, 2, 0.5),
+]  # fmt: skip
 ULYSSES, RING = 2, 2
 
 
-def _hybrid(rank, layout, variant, options, lengths, segments, kv_heads, groups):
+def _hybrid(rank, layout, variant, options, lengths, segments, kv_heads, q_factor, groups):
     from memory_efficient_attention.distributed.torch import to_zigzag, ulysses_attention
 
     from .ring_cases import dense, inputs, keep_mask
 
     uly, ring = groups
-    arrays, ints = inputs(ULYSSES * RING, 12, 1, lengths, segments)
+    arrays, ints = inputs(ULYSSES * RING, 12, q_factor, lengths, segments)
     q, k, v, d_out = (torch.as_tensor(arrays[x]) for x in ("q", "k", "v", "d_out"))
     k, v = k[:, :, :kv_heads], v[:, :, :kv_heads]
     keep = torch.as_tensor(keep_mask(options, q.shape[1], k.shape[1], ints))

@@ -29,6 +29,7 @@ from .._spec import (
     describe,
     operand_shape,
     padded_operand_shape,
+    paged_key_shapes,
     seed_dims,
 )
 from ._function import chunked_attention
@@ -278,6 +279,7 @@ def efficient_dot_product_attention(
     engine: str = "auto",
     sinks: ArrayLike | None = None,
     return_weights: bool = False,
+    block_table: ArrayLike | None = None,
 ) -> jax.Array | tuple[jax.Array, ...]:
     """Exact attention in O(n) memory, forward and backward (seed-compatible signature).
 
@@ -330,6 +332,11 @@ def efficient_dot_product_attention(
         dropout, with every mask, bias and callable of the call; differentiable), computed a
         block of keys at a time by the same kernel: an O(L*S) result by the caller's choice.
         Returned last.
+      block_table: integer ``[B..., n]``: a paged KV cache. ``key``/``value`` are then page pools
+        ``[P, page, K, D]`` / ``[P, page, K, E]`` and row ``b`` sees its pages ``block_table[b]``
+        in order (``n * page`` keys; pass ``key_value_seq_lengths`` for how many are filled).
+        Only the rows' own pages are read (one gather of O(their pages)); gradients flow back
+        into the pools. Concrete tables are checked against the pool size.
 
     ``scale`` may be a number, a numpy scalar or a 0-d JAX array, traced too (under ``jit``,
     with a gradient): an array scale multiplies the query before the kernel.
@@ -357,6 +364,8 @@ def efficient_dot_product_attention(
     """
     kwargs = dict(locals())  # every argument (nothing else is defined yet)
     query, key, value = _check_qkv(query, key, value)
+    if kwargs.pop("block_table") is not None:
+        key, value = kwargs["key"], kwargs["value"] = _gather_pages(query, key, value, block_table)
     if sinks is not None:
         sinks = jnp.asarray(sinks)
         check_sinks(tuple(sinks.shape), _dtype_name(sinks), seed_dims(query.shape, key.shape, value.shape))
@@ -374,6 +383,21 @@ def efficient_dot_product_attention(
         "key_segment_ids")}))  # fmt: skip
     _check_mask_values(kwargs["mask"])
     return _dispatch(_efficient_dot_product_attention, kwargs)
+
+
+def _gather_pages(query, key, value, block_table):
+    """The keys and values of each row of a paged cache, ``[B..., n * page, K, D|E]``: one
+    gather of the rows' own pages (``_spec.paged_key_shapes``)."""
+    pages = jnp.asarray(block_table)
+    k_shape, v_shape = paged_key_shapes(query.shape, key.shape, value.shape, pages.shape, _dtype_name(pages))
+    if not isinstance(pages, jax.core.Tracer) and pages.size:
+        low, high = int(pages.min()), int(pages.max())
+        if low < 0 or high >= key.shape[0]:
+            raise AttentionInputError(
+                f"block_table holds page indices from {low} to {high}, but the pools have "
+                f"{key.shape[0]} pages"
+            )
+    return key[pages].reshape(k_shape), value[pages].reshape(v_shape)
 
 
 def _efficient_dot_product_attention(

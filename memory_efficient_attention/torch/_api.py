@@ -25,6 +25,7 @@ from .._spec import (
     heads_first_dims,
     operand_shape,
     padded_operand_shape,
+    paged_key_shapes,
     seed_dims,
 )
 from . import _engines as engines
@@ -192,6 +193,23 @@ def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, 
     raise AssertionError("explain: the call returned without reaching the kernel")  # pragma: no cover
 
 
+def _gather_pages(query, key, value, block_table):
+    """The keys and values of each row of a paged cache, ``[B..., n * page, K, D|E]``: one
+    gather of the rows' own pages (``_spec.paged_key_shapes``)."""
+    if not isinstance(block_table, torch.Tensor):
+        raise TypeError(f"block_table must be a torch.Tensor, got {type(block_table).__name__}")
+    k_shape, v_shape = paged_key_shapes(
+        query.shape, key.shape, value.shape, block_table.shape, _dtype_name(block_table)
+    )
+    pages = block_table.to(device=key.device, dtype=torch.long)
+    if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= key.shape[0]):
+        raise AttentionInputError(
+            f"block_table holds page indices from {int(pages.min())} to {int(pages.max())}, but the "
+            f"pools have {key.shape[0]} pages"
+        )
+    return key[pages].reshape(k_shape), value[pages].reshape(v_shape)
+
+
 def efficient_dot_product_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -223,6 +241,7 @@ def efficient_dot_product_attention(
     engine: str = "auto",
     sinks: torch.Tensor | None = None,
     return_weights: bool = False,
+    block_table: torch.Tensor | None = None,
 ):
     """Exact attention in O(n) memory, forward and backward (seed-compatible signature).
 
@@ -276,6 +295,11 @@ def efficient_dot_product_attention(
         dropout, with every mask, bias and callable of the call; differentiable), for debugging
         and visualisation: an O(L*S) result by the caller's choice, computed a block of keys at a
         time by the same kernel (no other O(L*S) temporary). Returned last.
+      block_table: integer ``[B..., n]``: a paged KV cache. ``key``/``value`` are then page pools
+        ``[P, page, K, D]`` / ``[P, page, K, E]`` and row ``b`` sees its pages ``block_table[b]``
+        in order (``n * page`` keys; pass ``key_value_seq_lengths`` for how many are filled).
+        Only the rows' own pages are read (one gather of O(their pages), never the whole pool);
+        gradients flow back into the pools.
 
     Structured masks exclude keys: a query row with no key left outputs 0 with zero gradient.
 
@@ -296,6 +320,8 @@ def efficient_dot_product_attention(
         True
     """
     _check_qkv(query, key, value)
+    if block_table is not None:
+        key, value = _gather_pages(query, key, value, block_table)
     dims = seed_dims(query.shape, key.shape, value.shape)
     from ..masks import merge_mask_kwargs  # a mask object (masks.Causal, ...) -> the keywords
 
