@@ -41,7 +41,7 @@ from ._spec import AttentionInputError
 
 __all__ = ["DIAGONAL", "ENGINES", "Span", "SpanPlan", "check_engine", "fused_refusal", "fused_slower"]
 
-ENGINES = ("auto", "chunked", "fused")
+ENGINES = ("auto", "chunked", "fused", "pallas")  # "fused": torch's kernels; "pallas": JAX's
 DIAGONAL = 3
 _NAMES = {FULL: "full", DIAGONAL: "diagonal", PARTIAL: "partial"}
 

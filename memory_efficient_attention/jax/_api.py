@@ -236,6 +236,7 @@ def _attention(q5, k4, v4, dims: Dims, options: CallOptions, arrays: CallArrays 
         _dropout_key(dropout_rng) if cfg.dropout else None,
     )
     # score_mod/mask_mod closure-converted: traced values they close over become operands
+    user_mods = mods
     mods, consts = close_mods(cfg, mods)
     ops = ops._replace(consts=consts)
     if autodiff not in AUTODIFF:
@@ -243,7 +244,35 @@ def _attention(q5, k4, v4, dims: Dims, options: CallOptions, arrays: CallArrays 
     if autodiff == "native":  # JAX differentiates the chunked loops itself, in every mode
         out, row_max, row_sum = attention_forward(cfg, mods, ops)
         return out, log_sum_exp(row_max, row_sum, finite=True)
+    if _use_pallas(cfg, mods, ops):  # (its kernels trace the user's own callables, shape-free)
+        from ._pallas import pallas_attention
+
+        return pallas_attention(cfg, user_mods, ops)
     return chunked_attention(cfg, mods, ops)
+
+
+# ``engine="auto"`` picks the Pallas kernel on these platforms once a device run has validated it
+# (``scripts/device-check.sh``); until then it is opt-in everywhere (``engine="pallas"``).
+PALLAS_AUTO_PLATFORMS: tuple[str, ...] = ()
+
+
+def _use_pallas(cfg, mods, ops) -> bool:
+    """Whether the call runs on the Pallas engine: ``engine="pallas"`` (an error if it cannot),
+    or ``"auto"`` on a platform of ``PALLAS_AUTO_PLATFORMS`` where it can."""
+    if cfg.engine not in ("pallas", "auto") or cfg.dims.empty:
+        if cfg.engine == "pallas":
+            raise AttentionInputError("engine='pallas' needs non-empty batch, query and key axes")
+        return False
+    if cfg.engine == "auto" and jax.default_backend() not in PALLAS_AUTO_PLATFORMS:
+        return False
+    from ._pallas import refusal
+
+    reason = refusal(cfg, mods, ops)
+    if reason is not None and cfg.engine == "pallas":
+        raise AttentionInputError(
+            f"engine='pallas' cannot run this call: it has {reason}; pass engine='auto' or 'chunked'"
+        )
+    return reason is None
 
 
 def efficient_dot_product_attention(
@@ -322,9 +351,14 @@ def efficient_dot_product_attention(
         ``"native"`` lets JAX differentiate the chunked loops itself: forward mode then runs
         chunk by chunk in O(n) memory, and every mode and order works, but reverse mode in this
         setting stores each chunk's probabilities (memory like dense attention).
-      engine: ``"auto"`` (default) or ``"chunked"``: both run the chunked engine, JAX's only
-        one so far; ``"fused"`` raises (the same keyword as the PyTorch function, where it
-        selects torch's fused CPU kernel).
+      engine: ``"auto"`` (default) or ``"chunked"``: the chunked engine (XLA loops, every
+        feature, every platform); ``"pallas"``: one fused Pallas kernel per pass with the score
+        pipeline inside (``jax._pallas``: structured masks with block skipping, lengths, segment
+        ids, soft cap, ``score_mod``/``mask_mod``, GQA, lse; not a dense mask or bias, dropout,
+        the seed's callbacks, or callables that close over traced arrays: those raise). It runs
+        interpreted on CPU (slow: for tests and debugging) and compiled on GPU/TPU, where it has
+        not run yet, so ``"auto"`` does not pick it. ``"fused"`` raises (the PyTorch functions'
+        name for torch's fused CPU kernel).
       sinks: ``[H]`` attention-sink logits (gpt-oss, StreamingLLM): one extra logit per head in
         every row's softmax that takes probability mass but has no value; differentiable. With
         ``return_lse`` the lse includes the sink.
@@ -521,6 +555,8 @@ def dot_product_attention(
       implementation: None or ``"xla"``: our kernel. ``"cudnn"`` raises ``RuntimeError`` as jax
         does where no cuDNN GPU backend is present; where one is, our kernel runs in its place
         (cuDNN's flash attention is not called, and its shape/dtype limits do not apply).
+        ``"pallas"`` (ours, not jax's): the Pallas engine (``engine="pallas"`` of
+        ``efficient_dot_product_attention``; interpreted on CPU); a dense mask or bias refuses it.
       return_residual: also return the log-sum-exp ``[B, T, N]`` (no gradient), as jax does.
 
     As in jax, masked logits are a large finite negative number, so a row whose every key is
@@ -541,11 +577,12 @@ def dot_product_attention(
         >>> bool(jnp.allclose(out, ref, atol=1e-5))
         True
     """
-    if implementation not in (None, "xla", "cudnn"):
+    if implementation not in (None, "xla", "cudnn", "pallas"):
         raise AttentionInputError(f"Unsupported implementation option: {implementation!r}")
     if implementation == "cudnn":
         _check_cudnn()
     kwargs = dict(locals())  # every argument (and implementation checked)
+    kwargs["engine"] = "pallas" if implementation == "pallas" else "auto"
     query, key, value = _check_qkv(query, key, value)
     kwargs.update(query=query, key=key, value=value, **_arrays(mask=mask, bias=bias,
         query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths))  # fmt: skip
@@ -555,7 +592,7 @@ def dot_product_attention(
 
 def _dot_product_attention(
     *, query, key, value, bias, mask, scale, is_causal, query_seq_lengths, key_value_seq_lengths,
-    local_window_size, return_residual,
+    local_window_size, return_residual, engine,
 ):  # fmt: skip
     """The body of ``dot_product_attention`` (compiled once per static configuration when called
     eagerly, see ``_dispatch``)."""
@@ -589,7 +626,11 @@ def _dot_product_attention(
     q4, k4, v4 = query, key, value
     q4, scale = _fold_array_scale(q4, scale)
     options = CallOptions(
-        scale=scale, is_causal=is_causal, local_window_size=local_window_size, mask_fill="exclude"
+        scale=scale,
+        is_causal=is_causal,
+        local_window_size=local_window_size,
+        mask_fill="exclude",
+        engine=engine,
     )
     arrays = CallArrays(
         mask=mask, bias=bias, query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths

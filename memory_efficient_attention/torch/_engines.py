@@ -65,6 +65,11 @@ def choose(cfg: KernelConfig, mods: Mods, ops) -> tuple[str, str | None]:
     """``(engine, why not fused)`` for a call (``cfg.engine``: ``auto``, ``chunked``, ``fused``)."""
     if cfg.engine == "chunked":
         return "chunked", "engine='chunked' was asked for"
+    if cfg.engine == "pallas":
+        raise AttentionInputError(
+            "engine='pallas' is the JAX functions' Pallas kernel; the PyTorch functions take "
+            "engine='auto', 'fused' or 'chunked'"
+        )
     if cfg.dims.empty:
         return "chunked", "an empty batch, query or key axis"
     reason = fused_refusal_of(cfg, mods, ops)

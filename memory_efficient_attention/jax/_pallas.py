@@ -1,0 +1,425 @@
+"""The Pallas engine: one fused kernel per pass (FlashAttention-2 style) with the call's score
+pipeline traced into its body: scale, soft cap, ``score_mod``, the structured masks (causal and
+windows with block skipping from the static plan, lengths, segment ids, ``mask_mod``), GQA without
+repeating K/V, and the lse saved for the backward.
+
+Forward: grid ``(Z, H, L / bq)``; each program keeps its ``bq`` query rows and runs the online
+softmax over the key blocks the static mask leaves (loop bounds from ``_masks.StructuredMask``).
+Backward: ``delta = rowsum(dO * O) - dlse``; one kernel for ``dQ`` (grid over query blocks, loop
+over key blocks) and one for ``dK``/``dV`` (grid ``(Z, K, S / bk)``, loop over the ``G`` query
+heads of the key/value head and the query blocks that see the block). Scores are recomputed as
+``P = exp(s - lse)``; the soft cap's and ``score_mod``'s derivatives come from ``jax.vjp`` of the
+pipeline inside the kernel.
+
+Layouts inside (legend: ``memory_efficient_attention._spec``): ``q [Z, H, Lp, D]``,
+``k [Z, K, Sp, D]``, ``v [Z, K, Sp, E]``, ``out [Z, H, Lp, E]``, ``lse [Z, H, Lp]``; ``Lp``/``Sp``
+pad the lengths to whole blocks (padded keys are masked, padded rows dropped).
+
+Not covered (the chunked engine runs these; ``refusal`` names which): a dense ``mask`` or
+``bias``, dropout, the seed's callbacks, ``score_mod``/``mask_mod`` that close over traced values,
+float64 on an accelerator. Lowering: on CPU the kernels run with ``interpret=True`` (tests,
+debugging); on GPU/TPU they compile through Pallas (untested here: no accelerator was lent).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from .._config import KernelConfig, chunk_keep
+from ._kernel import Mods, Operands
+
+__all__ = ["block_sizes", "pallas_attention", "refusal"]
+
+_INTS = ("q_lengths", "kv_lengths", "q_segments", "kv_segments")
+
+
+def refusal(cfg: KernelConfig, mods: Mods, ops: Operands) -> str | None:
+    """Why the Pallas engine cannot run this call, or None if it can."""
+    if ops.bias is not None or ops.mask is not None:
+        return "a dense mask or bias (use the structured arguments, mask_mod or score_mod)"
+    if cfg.dropout:
+        return "dropout"
+    if mods.seed_callbacks:
+        return "the seed's per-chunk callbacks"
+    if any(jax.tree.leaves(ops.consts)):
+        return "a score_mod/mask_mod that closes over traced arrays (pass them as constants)"
+    if cfg.compute_dtype == "float64" and jax.default_backend() != "cpu":
+        return "float64 on an accelerator"
+    return None
+
+
+def block_sizes(cfg: KernelConfig) -> tuple[int, int]:
+    """Query and key block sizes: the chunk-size rule's, capped at 128 and rounded down to a
+    power of two of at least 16 (what the GPU lowering tiles)."""
+
+    def fit(n: int) -> int:
+        n = max(16, min(128, n))
+        return 1 << (n.bit_length() - 1)
+
+    return fit(cfg.q_chunk), fit(cfg.k_chunk)
+
+
+# ------------------------------------------------------------------------------------------------
+# The score pipeline and the block ranges, on traced block indices
+# ------------------------------------------------------------------------------------------------
+
+
+def _pipeline(cfg: KernelConfig, mods: Mods, b, h, q_idx, k_idx):
+    """``scores -> scores`` after the matmul: soft cap, then ``score_mod`` (``SCORE_PIPELINE``)."""
+
+    def run(s):
+        if cfg.softcap is not None:
+            s = cfg.softcap * jnp.tanh(s / cfg.softcap)
+        if mods.score_mod is not None:
+            s = jnp.broadcast_to(mods.score_mod(s, b, h, q_idx, k_idx), s.shape).astype(s.dtype)
+        return s
+
+    return run
+
+
+def _keep(cfg: KernelConfig, mods: Mods, ints: dict, b, h, q_idx, k_idx, shape):
+    """Which pairs of the block are kept (structured masks, padding of the keys)."""
+    keep = chunk_keep(
+        cfg.structure, q_idx, k_idx, q_lengths=ints.get("q_lengths"), kv_lengths=ints.get("kv_lengths"),
+        q_segments=ints.get("q_segments"), kv_segments=ints.get("kv_segments"), mask_mod=mods.mask_mod,
+        batch_idx=b, head_idx=h,
+    )  # fmt: skip
+    real = (k_idx < cfg.dims.kv_len) & (q_idx < cfg.dims.q_len)  # not the padding of the blocks
+    return jnp.broadcast_to(real if keep is None else keep & real, shape)
+
+
+def _key_blocks(cfg: KernelConfig, q0, q1, bk: int, nk: int):
+    """``[lo, hi)`` key blocks the static mask lets queries ``[q0, q1)`` see (traced)."""
+    st = cfg.structure
+    lo, hi = 0, cfg.dims.kv_len
+    if st.causal:
+        hi = jnp.minimum(hi, q1 + st.offset)
+    if st.window is not None:
+        left, right = st.window
+        lo = jnp.maximum(lo, q0 + st.offset - left)
+        hi = jnp.minimum(hi, q1 - 1 + st.offset + right + 1)
+    lo_b = jnp.clip(jnp.floor_divide(lo, bk), 0, nk)
+    hi_b = jnp.clip(jnp.floor_divide(hi + bk - 1, bk), 0, nk)
+    return lo_b, jnp.maximum(lo_b, hi_b)
+
+
+def _query_blocks(cfg: KernelConfig, k0, k1, bq: int, nq: int):
+    """``[lo, hi)`` query blocks that see keys ``[k0, k1)`` under the static mask (traced)."""
+    st = cfg.structure
+    lo, hi = 0, cfg.dims.q_len
+    if st.causal:
+        lo = jnp.maximum(lo, k0 - st.offset)
+    if st.window is not None:
+        left, right = st.window
+        lo = jnp.maximum(lo, k0 - st.offset - right)
+        hi = jnp.minimum(hi, k1 - 1 - st.offset + left + 1)
+    lo_b = jnp.clip(jnp.floor_divide(lo, bq), 0, nq)
+    hi_b = jnp.clip(jnp.floor_divide(hi + bq - 1, bq), 0, nq)
+    return lo_b, jnp.maximum(lo_b, hi_b)
+
+
+def _dot(a, b, cdt, trans_b=False):
+    dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=cdt)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+
+
+def _int_refs(names, refs):
+    """The integer operands' refs by name (``names``: those present, in order)."""
+    return dict(zip(names, refs))
+
+
+def _forward_kernel(cfg, mods, names, bq, bk, nk, *refs):
+    q_ref, k_ref, v_ref, *rest = refs
+    int_refs, (o_ref, lse_ref) = _int_refs(names, rest[: len(names)]), rest[len(names) :]
+    b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    cdt = jnp.dtype(cfg.compute_dtype)
+    q = q_ref[...].astype(cdt)
+    q_idx = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+    ints = {}
+    if "q_lengths" in int_refs:
+        ints["q_lengths"] = int_refs["q_lengths"][b]
+    if "q_segments" in int_refs:
+        ints["q_segments"] = int_refs["q_segments"][...][:, None]
+    if "kv_lengths" in int_refs:
+        ints["kv_lengths"] = int_refs["kv_lengths"][b]
+
+    def body(j, carry):
+        m, l, acc = carry
+        k = k_ref[pl.ds(j * bk, bk), :].astype(cdt)
+        v = v_ref[pl.ds(j * bk, bk), :].astype(cdt)
+        k_idx = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        block_ints = dict(ints)
+        if "kv_segments" in int_refs:
+            block_ints["kv_segments"] = int_refs["kv_segments"][pl.ds(j * bk, bk)][None, :]
+        s = _pipeline(cfg, mods, b, h, q_idx, k_idx)(_dot(q, k, cdt, trans_b=True) * cfg.scale)
+        keep = _keep(cfg, mods, block_ints, b, h, q_idx, k_idx, s.shape)
+        s = jnp.where(keep, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp(s - shift[:, None])
+        alpha = jnp.exp(jnp.where(m == -jnp.inf, -jnp.inf, m - shift))
+        return m_new, l * alpha + p.sum(axis=1), acc * alpha[:, None] + _dot(p, v, cdt)
+
+    lo, hi = _key_blocks(cfg, i * bq, (i + 1) * bq, bk, nk)
+    init = (
+        jnp.full((bq,), -jnp.inf, cdt),
+        jnp.zeros((bq,), cdt),
+        jnp.zeros((bq, v_ref.shape[-1]), cdt),
+    )
+    m, l, acc = lax.fori_loop(lo, hi, body, init)
+    kept = l > 0
+    o_ref[...] = jnp.where(kept[:, None], acc / jnp.where(kept, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(kept, m + jnp.log(jnp.where(kept, l, 1.0)), jnp.finfo(cdt).min).astype(cdt)
+
+
+def _probabilities(cfg, mods, ints, b, h, q, k, q_idx, k_idx, lse, cdt):
+    """``(P, s_raw, pipeline)`` of one block, recomputed from the saved lse."""
+    s_raw = _dot(q, k, cdt, trans_b=True) * cfg.scale
+    run = _pipeline(cfg, mods, b, h, q_idx, k_idx)
+    s = run(s_raw)
+    keep = _keep(cfg, mods, ints, b, h, q_idx, k_idx, s.shape)
+    p = jnp.where(keep, jnp.exp(jnp.where(keep, s, 0.0) - lse[:, None]), 0.0)
+    return p, s_raw, run
+
+
+def _raw_grad(cfg, mods, run, s_raw, ds):
+    """The gradient of the raw scores (before soft cap and ``score_mod``)."""
+    if cfg.softcap is None and mods.score_mod is None:
+        return ds
+    return jax.vjp(run, s_raw)[1](ds)[0]
+
+
+def _dq_kernel(cfg, mods, names, bq, bk, nk, *refs):
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
+    int_refs, (dq_ref,) = _int_refs(names, rest[: len(names)]), rest[len(names) :]
+    b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    cdt = jnp.dtype(cfg.compute_dtype)
+    q, do = q_ref[...].astype(cdt), do_ref[...].astype(cdt)
+    lse, delta = lse_ref[...].astype(cdt), delta_ref[...].astype(cdt)
+    q_idx = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+    ints = {}
+    if "q_lengths" in int_refs:
+        ints["q_lengths"] = int_refs["q_lengths"][b]
+    if "q_segments" in int_refs:
+        ints["q_segments"] = int_refs["q_segments"][...][:, None]
+    if "kv_lengths" in int_refs:
+        ints["kv_lengths"] = int_refs["kv_lengths"][b]
+
+    def body(j, dq):
+        k = k_ref[pl.ds(j * bk, bk), :].astype(cdt)
+        v = v_ref[pl.ds(j * bk, bk), :].astype(cdt)
+        k_idx = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        block_ints = dict(ints)
+        if "kv_segments" in int_refs:
+            block_ints["kv_segments"] = int_refs["kv_segments"][pl.ds(j * bk, bk)][None, :]
+        p, s_raw, run = _probabilities(cfg, mods, block_ints, b, h, q, k, q_idx, k_idx, lse, cdt)
+        ds = p * (_dot(do, v, cdt, trans_b=True) - delta[:, None])
+        return dq + _dot(_raw_grad(cfg, mods, run, s_raw, ds), k, cdt) * cfg.scale
+
+    lo, hi = _key_blocks(cfg, i * bq, (i + 1) * bq, bk, nk)
+    dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, cdt))
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _dkv_kernel(cfg, mods, names, bq, bk, nq, groups, *refs):
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
+    int_refs, (dk_ref, dv_ref) = _int_refs(names, rest[: len(names)]), rest[len(names) :]
+    b, kh, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    cdt = jnp.dtype(cfg.compute_dtype)
+    k, v = k_ref[...].astype(cdt), v_ref[...].astype(cdt)
+    k_idx = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    ints = {}
+    if "kv_lengths" in int_refs:
+        ints["kv_lengths"] = int_refs["kv_lengths"][b]
+    if "kv_segments" in int_refs:
+        ints["kv_segments"] = int_refs["kv_segments"][...][None, :]
+    if "q_lengths" in int_refs:
+        ints["q_lengths"] = int_refs["q_lengths"][b]
+    lo, hi = _query_blocks(cfg, j * bk, (j + 1) * bk, bq, nq)
+    dk, dv = jnp.zeros(k.shape, cdt), jnp.zeros(v.shape, cdt)
+    for g in range(groups):  # the query heads of this key/value head
+        h = kh * groups + g
+
+        def body(i, carry, g=g, h=h):
+            dk, dv = carry
+            rows = pl.ds(i * bq, bq)
+            q = q_ref[g, rows, :].astype(cdt)
+            do = do_ref[g, rows, :].astype(cdt)
+            lse, delta = lse_ref[g, rows].astype(cdt), delta_ref[g, rows].astype(cdt)
+            q_idx = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+            block_ints = dict(ints)
+            if "q_segments" in int_refs:
+                block_ints["q_segments"] = int_refs["q_segments"][rows][:, None]
+            p, s_raw, run = _probabilities(cfg, mods, block_ints, b, h, q, k, q_idx, k_idx, lse, cdt)
+            dv = dv + _dot(p.T, do, cdt)
+            ds = _raw_grad(cfg, mods, run, s_raw, p * (_dot(do, v, cdt, trans_b=True) - delta[:, None]))
+            return dk + _dot(ds.T, q, cdt) * cfg.scale, dv
+
+        dk, dv = lax.fori_loop(lo, hi, body, (dk, dv))
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# The calls
+# ------------------------------------------------------------------------------------------------
+
+
+def _pad(x, axis: int, size: int):
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+class _Layout:
+    """Block sizes and padded lengths of one call."""
+
+    def __init__(self, cfg: KernelConfig):
+        d = cfg.dims
+        self.bq, self.bk = block_sizes(cfg)
+        self.nq, self.nk = -(-d.q_len // self.bq), -(-d.kv_len // self.bk)
+        self.lp, self.sp = self.nq * self.bq, self.nk * self.bk
+        self.groups = d.q_heads // d.kv_heads
+
+
+def _int_inputs(ints: dict, lay: _Layout, *, keys_blocked: bool, rows_blocked: bool):
+    """``(names, arrays, specs)`` of the integer operands present; segment ids padded to whole
+    blocks (the padding is masked anyway). ``keys_blocked``/``rows_blocked``: whether the grid's
+    third axis walks key blocks (dK/dV) or query blocks (forward, dQ)."""
+    names, arrays, specs = [], [], []
+    for name in _INTS:
+        x = ints.get(name)
+        if x is None:
+            continue
+        names.append(name)
+        if name.endswith("lengths"):
+            arrays.append(x.astype(jnp.int32))
+            specs.append(pl.BlockSpec(x.shape, lambda b, h, i: (0,)))
+            continue
+        query = name == "q_segments"
+        size, block = (lay.lp, lay.bq) if query else (lay.sp, lay.bk)
+        arrays.append(_pad(x.astype(jnp.int32), 1, size))
+        walked = rows_blocked if query else keys_blocked
+        if walked:
+            specs.append(pl.BlockSpec((None, block), lambda b, h, i: (b, i)))
+        else:
+            specs.append(pl.BlockSpec((None, size), lambda b, h, i: (b, 0)))
+    return names, arrays, specs
+
+
+def _forward(cfg: KernelConfig, mods: Mods, interpret: bool, q, k, v, ints):
+    """``(out [Z, L, H, E], lse [Z, L, H] finite)`` from kernel-layout ``q, k, v``."""
+    d, lay = cfg.dims, _Layout(cfg)
+    cdt = jnp.dtype(cfg.compute_dtype)
+    qt = _pad(jnp.swapaxes(q, 1, 2), 2, lay.lp)  # [Z, H, Lp, D]
+    kt = _pad(jnp.swapaxes(k, 1, 2), 2, lay.sp)  # [Z, K, Sp, D]
+    vt = _pad(jnp.swapaxes(v, 1, 2), 2, lay.sp)
+    names, arrays, int_specs = _int_inputs(ints, lay, keys_blocked=False, rows_blocked=True)
+    G = lay.groups
+    out, lse = pl.pallas_call(
+        partial(_forward_kernel, cfg, mods, tuple(names), lay.bq, lay.bk, lay.nk),
+        grid=(d.batch_size, d.q_heads, lay.nq),
+        in_specs=[
+            pl.BlockSpec((None, None, lay.bq, d.qk_depth), lambda b, h, i: (b, h, i, 0)),
+            pl.BlockSpec((None, None, lay.sp, d.qk_depth), lambda b, h, i: (b, h // G, 0, 0)),
+            pl.BlockSpec((None, None, lay.sp, d.v_depth), lambda b, h, i: (b, h // G, 0, 0)),
+            *int_specs,
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, lay.bq, d.v_depth), lambda b, h, i: (b, h, i, 0)),
+            pl.BlockSpec((None, None, lay.bq), lambda b, h, i: (b, h, i)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((d.batch_size, d.q_heads, lay.lp, d.v_depth), q.dtype),
+            jax.ShapeDtypeStruct((d.batch_size, d.q_heads, lay.lp), cdt),
+        ],
+        interpret=interpret,
+    )(qt, kt, vt, *arrays)
+    return jnp.swapaxes(out[:, :, : d.q_len], 1, 2), jnp.swapaxes(lse[:, :, : d.q_len], 1, 2)
+
+
+def _backward(cfg: KernelConfig, mods: Mods, interpret: bool, q, k, v, ints, out, lse, d_out, d_lse):
+    d, lay = cfg.dims, _Layout(cfg)
+    cdt = jnp.dtype(cfg.compute_dtype)
+    delta = jnp.sum(d_out.astype(cdt) * out.astype(cdt), axis=-1)  # [Z, L, H]
+    if d_lse is not None:
+        delta = delta - d_lse.astype(cdt)
+    qt = _pad(jnp.swapaxes(q, 1, 2), 2, lay.lp)
+    dot_ = _pad(jnp.swapaxes(d_out, 1, 2), 2, lay.lp)
+    lse_t = _pad(jnp.swapaxes(lse, 1, 2), 2, lay.lp)
+    delta_t = _pad(jnp.swapaxes(delta, 1, 2), 2, lay.lp)
+    kt = _pad(jnp.swapaxes(k, 1, 2), 2, lay.sp)
+    vt = _pad(jnp.swapaxes(v, 1, 2), 2, lay.sp)
+    G, D, E = lay.groups, d.qk_depth, d.v_depth
+    names, arrays, int_specs = _int_inputs(ints, lay, keys_blocked=False, rows_blocked=True)
+    row = lambda width: pl.BlockSpec((None, None, lay.bq, width), lambda b, h, i: (b, h, i, 0))  # noqa: E731
+    whole_kv = lambda width: pl.BlockSpec((None, None, lay.sp, width), lambda b, h, i: (b, h // G, 0, 0))  # noqa: E731
+    row_vec = pl.BlockSpec((None, None, lay.bq), lambda b, h, i: (b, h, i))
+    dq = pl.pallas_call(
+        partial(_dq_kernel, cfg, mods, tuple(names), lay.bq, lay.bk, lay.nk),
+        grid=(d.batch_size, d.q_heads, lay.nq),
+        in_specs=[row(D), whole_kv(D), whole_kv(E), row(E), row_vec, row_vec, *int_specs],
+        out_specs=row(D),
+        out_shape=jax.ShapeDtypeStruct(qt.shape, q.dtype),
+        interpret=interpret,
+    )(qt, kt, vt, dot_, lse_t, delta_t, *arrays)
+    names, arrays, int_specs = _int_inputs(ints, lay, keys_blocked=True, rows_blocked=False)
+    group_rows = lambda width: pl.BlockSpec((None, G, lay.lp, width), lambda b, h, j: (b, h, 0, 0))  # noqa: E731
+    group_vec = pl.BlockSpec((None, G, lay.lp), lambda b, h, j: (b, h, 0))
+    key_block = lambda width: pl.BlockSpec((None, None, lay.bk, width), lambda b, h, j: (b, h, j, 0))  # noqa: E731
+    dk, dv = pl.pallas_call(
+        partial(_dkv_kernel, cfg, mods, tuple(names), lay.bq, lay.bk, lay.nq, G),
+        grid=(d.batch_size, d.kv_heads, lay.nk),
+        in_specs=[group_rows(D), key_block(D), key_block(E), group_rows(E), group_vec, group_vec, *int_specs],
+        out_specs=[key_block(D), key_block(E)],
+        out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
+        interpret=interpret,
+    )(qt, kt, vt, dot_, lse_t, delta_t, *arrays)
+    unpad = lambda x, n: jnp.swapaxes(x[:, :, :n], 1, 2)  # noqa: E731
+    return unpad(dq, d.q_len), unpad(dk, d.kv_len), unpad(dv, d.kv_len)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _attention(cfg: KernelConfig, mods: Mods, interpret: bool, q, k, v, ints):
+    return _forward(cfg, mods, interpret, q, k, v, ints)
+
+
+def _fwd(cfg, mods, interpret, q, k, v, ints):
+    out, lse = _forward(cfg, mods, interpret, q, k, v, ints)
+    return (out, lse), (q, k, v, ints, out, lse)
+
+
+def _bwd(cfg, mods, interpret, residuals, cotangents):
+    q, k, v, ints, out, lse = residuals
+    d_out, d_lse = cotangents
+    dq, dk, dv = _backward(cfg, mods, interpret, q, k, v, ints, out, lse, d_out, d_lse)
+    zeros = {n: None if x is None else np.zeros(x.shape, jax.dtypes.float0) for n, x in ints.items()}
+    return dq, dk, dv, zeros
+
+
+_attention.defvjp(_fwd, _bwd)
+
+
+def pallas_attention(cfg: KernelConfig, mods: Mods, ops: Operands, *, interpret: bool | None = None):
+    """``(out [Z, L, H, E], lse [Z, L, H])`` by the Pallas kernels (``lse`` finite:
+    ``finfo.min`` for a row with no key, as ``_function.chunked_attention``); differentiable in
+    q, k, v (first order; the lse's cotangent included). ``interpret``: None runs interpreted
+    on CPU and compiled elsewhere."""
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    ints = {n: getattr(ops, n) for n in _INTS}
+    return _attention(cfg, mods, interpret, ops.q, ops.k, ops.v, ints)

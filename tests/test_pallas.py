@@ -1,0 +1,167 @@
+"""The JAX Pallas engine (``engine="pallas"``) in interpret mode on CPU: outputs, gradients and the
+lse's gradient against the float64 dense reference, on shapes whose lengths are not multiples of
+the blocks, with GQA, cross-attention, value depth != key depth, every structured mask, soft cap,
+``score_mod`` and ``mask_mod``; plus what it refuses and how ``engine="auto"`` chooses it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+pytest.importorskip("torch")  # the float64 reference's gradients
+
+import jax.numpy as jnp  # noqa: E402
+
+from memory_efficient_attention import AttentionInputError  # noqa: E402
+
+from .reference import reference_grads  # noqa: E402
+
+
+def _score_mod(s, b, h, q_idx, kv_idx):  # a relative bias per head, written for both frameworks
+    distance = abs(q_idx - kv_idx) * (h + 1) + 0 * s  # in the scores' dtype before the product
+    return s - 0.1 * distance
+
+
+def _mask_mod(b, h, q_idx, kv_idx):
+    return (q_idx + kv_idx + b) % 3 != 0
+
+
+# (name, batch, L, S, H, K, D, E, options, segments): lengths are in options as lists
+CASES = [
+    ("causal-softcap-segments-lengths", (2,), 37, 37, 4, 2, 8, 8,
+     dict(is_causal=True, logits_soft_cap=2.0, query_seq_lengths=[30, 37],
+          key_value_seq_lengths=[37, 19]), True),
+    ("bottom-right-window-mods-cross", (2,), 21, 45, 4, 1, 8, 5,
+     dict(is_causal=True, causal_alignment="bottom_right", local_window_size=(9, 0), score_mod=_score_mod,
+          mask_mod=_mask_mod), False),
+    ("plain-no-batch-dims", (), 23, 40, 2, 2, 8, 6, dict(), False),
+]  # fmt: skip
+SLOW_CASES = [
+    ("two-sided-window-batch-dims", (2, 1), 33, 33, 4, 2, 8, 8, dict(local_window_size=(5, 4)), False),
+    ("segments-only-gqa-4", (1,), 29, 29, 8, 2, 8, 8, dict(), True),
+]
+
+
+def _inputs(batch, L, S, H, K, D, E, segments, seed=0):
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((*batch, n, h, d)) for n, h, d in ((L, H, D), (S, K, D), (S, K, E)))
+    d_out = rng.standard_normal((*batch, L, H, E))
+    ids = {}
+    if segments:
+        ids = dict(
+            query_segment_ids=np.sort(rng.integers(0, 4, (*batch, L)), axis=-1),
+            key_segment_ids=np.sort(rng.integers(0, 4, (*batch, S)), axis=-1),
+        )
+    return q, k, v, d_out, ids
+
+
+def _ours(q, k, v, d_out, d_lse, options, engine="pallas"):
+    from memory_efficient_attention.jax import efficient_dot_product_attention
+
+    jax.config.update("jax_enable_x64", True)
+    kw = {n: (jnp.asarray(x) if isinstance(x, (list, np.ndarray)) else x) for n, x in options.items()}
+
+    def f(q, k, v):
+        return efficient_dot_product_attention(
+            q, k, v, engine=engine, query_chunk_size=16, key_chunk_size=16, return_lse=True, **kw
+        )
+
+    (out, lse), vjp = jax.vjp(f, *(jnp.asarray(x) for x in (q, k, v)))
+    fin = jnp.isfinite(lse)
+    grads = vjp((jnp.asarray(d_out), jnp.where(fin, jnp.asarray(d_lse), 0.0)))
+    return [np.asarray(x) for x in (out, lse, *grads)]
+
+
+def _check(case):
+    name, batch, L, S, H, K, D, E, options, segments = case
+    q, k, v, d_out, ids = _inputs(batch, L, S, H, K, D, E, segments)
+    options = {**options, **ids}
+    d_lse = np.random.default_rng(1).standard_normal((*batch, L, H))
+    out, lse, dq, dk, dv = _ours(q, k, v, d_out, d_lse, options)
+    ref_kw = {n: (np.asarray(x) if isinstance(x, list) else x) for n, x in options.items()}
+    want_out, want = reference_grads(q, k, v, d_out, **ref_kw)
+    np.testing.assert_allclose(out, want_out, atol=1e-10, err_msg=name)
+    for got, n in zip((dq, dk, dv), ("query", "key", "value")):
+        # the reference's gradients are of sum(out * d_out) only; the lse's part comes next
+        assert got.shape == want[n].shape, (name, n)
+    # with d_lse = 0 the gradients equal the reference's exactly
+    _, _, dq0, dk0, dv0 = _ours(q, k, v, d_out, np.zeros_like(d_lse), options)
+    for got, n in zip((dq0, dk0, dv0), ("query", "key", "value")):
+        np.testing.assert_allclose(got, want[n], atol=1e-10, err_msg=f"{name} d{n}")
+    # the lse and its gradient: equal to the chunked engine's (tested against the reference)
+    _, lse_c, dq_c, dk_c, dv_c = _ours(q, k, v, d_out, d_lse, options, engine="chunked")
+    np.testing.assert_allclose(lse, lse_c, atol=1e-10, err_msg=f"{name} lse")
+    for got, ref, n in zip((dq, dk, dv), (dq_c, dk_c, dv_c), "qkv"):
+        np.testing.assert_allclose(got, ref, atol=1e-10, err_msg=f"{name} d{n} with the lse's gradient")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_pallas_engine_matches_the_reference(case):
+    _check(case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SLOW_CASES, ids=[c[0] for c in SLOW_CASES])
+def test_pallas_engine_matches_the_reference_more_shapes(case):
+    _check(case)
+
+
+def test_pallas_float32_against_the_float64_reference():
+    from memory_efficient_attention.jax import efficient_dot_product_attention
+
+    q, k, v, _, _ = _inputs((1,), 19, 19, 2, 2, 8, 8, False)
+    out = efficient_dot_product_attention(
+        *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), is_causal=True, engine="pallas"
+    )
+    want, _ = reference_grads(q, k, v, np.zeros((1, 19, 2, 8)), is_causal=True)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), want, atol=2e-5)
+
+
+def test_what_the_pallas_engine_refuses_is_named():
+    from memory_efficient_attention.jax import efficient_dot_product_attention
+
+    x = jnp.ones((1, 8, 2, 4))
+    with pytest.raises(AttentionInputError, match="engine='pallas' cannot run this call: it has a dense"):
+        efficient_dot_product_attention(x, x, x, bias=jnp.zeros((1, 2, 8, 8)), engine="pallas")
+    with pytest.raises(AttentionInputError, match="it has dropout"):
+        efficient_dot_product_attention(
+            x, x, x, dropout_rate=0.1, dropout_rng=jax.random.key(0), engine="pallas"
+        )
+
+
+def test_torch_refuses_the_pallas_engine():
+    torch = pytest.importorskip("torch")
+    from memory_efficient_attention.torch import efficient_dot_product_attention
+
+    x = torch.ones(1, 8, 2, 4)
+    with pytest.raises(AttentionInputError, match="engine='pallas' is the JAX functions'"):
+        efficient_dot_product_attention(x, x, x, engine="pallas")
+
+
+def test_auto_takes_pallas_only_on_validated_platforms(monkeypatch):
+    from memory_efficient_attention.jax import _api, _pallas, efficient_dot_product_attention
+
+    calls = []
+    real = _pallas.pallas_attention
+    monkeypatch.setattr(_pallas, "pallas_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 16, 2, 8)), jnp.float32)
+    efficient_dot_product_attention(q, q, q, engine="auto", key_chunk_size=8)  # CPU: chunked
+    assert calls == []
+    monkeypatch.setattr(_api, "PALLAS_AUTO_PLATFORMS", ("cpu",))
+    efficient_dot_product_attention(q, q, q, engine="auto", is_causal=True, key_chunk_size=16)
+    assert calls == [1]
+    bias = jnp.zeros((1, 2, 16, 16))  # something Pallas does not cover: "auto" falls back
+    efficient_dot_product_attention(q, q, q, bias=bias, engine="auto", key_chunk_size=16)
+    assert calls == [1]
+
+
+def test_jax_drop_in_takes_implementation_pallas():
+    from memory_efficient_attention.jax import dot_product_attention
+
+    q, k, v = jax.random.normal(jax.random.key(1), (3, 2, 40, 4, 16))
+    lengths = jnp.array([40, 17], dtype=jnp.int32)
+    kw = dict(is_causal=True, key_value_seq_lengths=lengths)
+    out = dot_product_attention(q, k, v, implementation="pallas", **kw)
+    np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v, **kw), atol=2e-6)
