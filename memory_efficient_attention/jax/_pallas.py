@@ -139,6 +139,24 @@ def _int_refs(names, refs):
     return dict(zip(names, refs))
 
 
+def _row_ints(int_refs, b) -> dict:
+    """The integer operands of a program that owns a query block (its segment ids' block)."""
+    ints = {}
+    for name in ("q_lengths", "kv_lengths"):
+        if name in int_refs:
+            ints[name] = int_refs[name][b]
+    if "q_segments" in int_refs:
+        ints["q_segments"] = int_refs["q_segments"][...][:, None]
+    return ints
+
+
+def _with_key_segments(ints: dict, int_refs, j, bk: int) -> dict:
+    """``ints`` with the key segment ids of key block ``j`` (from the whole row's)."""
+    if "kv_segments" not in int_refs:
+        return ints
+    return {**ints, "kv_segments": int_refs["kv_segments"][pl.ds(j * bk, bk)][None, :]}
+
+
 def _forward_kernel(cfg, mods, names, bq, bk, nk, *refs):
     q_ref, k_ref, v_ref, *rest = refs
     int_refs, (o_ref, lse_ref) = _int_refs(names, rest[: len(names)]), rest[len(names) :]
@@ -146,22 +164,14 @@ def _forward_kernel(cfg, mods, names, bq, bk, nk, *refs):
     cdt = jnp.dtype(cfg.compute_dtype)
     q = q_ref[...].astype(cdt)
     q_idx = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-    ints = {}
-    if "q_lengths" in int_refs:
-        ints["q_lengths"] = int_refs["q_lengths"][b]
-    if "q_segments" in int_refs:
-        ints["q_segments"] = int_refs["q_segments"][...][:, None]
-    if "kv_lengths" in int_refs:
-        ints["kv_lengths"] = int_refs["kv_lengths"][b]
+    ints = _row_ints(int_refs, b)
 
     def body(j, carry):
         m, l, acc = carry
         k = k_ref[pl.ds(j * bk, bk), :].astype(cdt)
         v = v_ref[pl.ds(j * bk, bk), :].astype(cdt)
         k_idx = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-        block_ints = dict(ints)
-        if "kv_segments" in int_refs:
-            block_ints["kv_segments"] = int_refs["kv_segments"][pl.ds(j * bk, bk)][None, :]
+        block_ints = _with_key_segments(ints, int_refs, j, bk)
         s = _pipeline(cfg, mods, b, h, q_idx, k_idx)(_dot(q, k, cdt, trans_b=True) * cfg.scale)
         keep = _keep(cfg, mods, block_ints, b, h, q_idx, k_idx, s.shape)
         s = jnp.where(keep, s, -jnp.inf)
@@ -208,21 +218,13 @@ def _dq_kernel(cfg, mods, names, bq, bk, nk, *refs):
     q, do = q_ref[...].astype(cdt), do_ref[...].astype(cdt)
     lse, delta = lse_ref[...].astype(cdt), delta_ref[...].astype(cdt)
     q_idx = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-    ints = {}
-    if "q_lengths" in int_refs:
-        ints["q_lengths"] = int_refs["q_lengths"][b]
-    if "q_segments" in int_refs:
-        ints["q_segments"] = int_refs["q_segments"][...][:, None]
-    if "kv_lengths" in int_refs:
-        ints["kv_lengths"] = int_refs["kv_lengths"][b]
+    ints = _row_ints(int_refs, b)
 
     def body(j, dq):
         k = k_ref[pl.ds(j * bk, bk), :].astype(cdt)
         v = v_ref[pl.ds(j * bk, bk), :].astype(cdt)
         k_idx = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-        block_ints = dict(ints)
-        if "kv_segments" in int_refs:
-            block_ints["kv_segments"] = int_refs["kv_segments"][pl.ds(j * bk, bk)][None, :]
+        block_ints = _with_key_segments(ints, int_refs, j, bk)
         p, s_raw, run = _probabilities(cfg, mods, block_ints, b, h, q, k, q_idx, k_idx, lse, cdt)
         ds = p * (_dot(do, v, cdt, trans_b=True) - delta[:, None])
         return dq + _dot(_raw_grad(cfg, mods, run, s_raw, ds), k, cdt) * cfg.scale
