@@ -125,10 +125,8 @@ def test_what_the_pallas_engine_refuses_is_named():
     x = jnp.ones((1, 8, 2, 4))
     with pytest.raises(AttentionInputError, match="engine='pallas' cannot run this call: it has a dense"):
         efficient_dot_product_attention(x, x, x, bias=jnp.zeros((1, 2, 8, 8)), engine="pallas")
-    with pytest.raises(AttentionInputError, match="it has dropout"):
-        efficient_dot_product_attention(
-            x, x, x, dropout_rate=0.1, dropout_rng=jax.random.key(0), engine="pallas"
-        )
+    with pytest.raises(AttentionInputError, match="it has the seed's per-chunk callbacks"):
+        efficient_dot_product_attention(x, x, x, weights_calc_fn=lambda *a: a[2], engine="pallas")
 
 
 def test_torch_refuses_the_pallas_engine():
@@ -165,3 +163,53 @@ def test_jax_drop_in_takes_implementation_pallas():
     kw = dict(is_causal=True, key_value_seq_lengths=lengths)
     out = dot_product_attention(q, k, v, implementation="pallas", **kw)
     np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v, **kw), atol=2e-6)
+
+
+def test_pallas_dropout_keep_mask_has_the_right_law():
+    from memory_efficient_attention.jax._pallas import dropout_keep
+
+    seed = jax.random.key_data(jax.random.key(3))
+    grid = ((2, (2, 1, 1, 1)), (4, (1, 4, 1, 1)), (96, (1, 1, 96, 1)), (96, (1, 1, 1, 96)))
+    b, h, q, k = (jnp.arange(n).reshape(shape) for n, shape in grid)
+    keep = np.asarray(dropout_keep(seed, 0.3, b, h, q, k))
+    n = keep.size
+    assert abs(keep.mean() - 0.7) < 4 * np.sqrt(0.21 / n)  # within 4 sigma of 1 - rate
+    # neighbours are not correlated: P(keep both of two adjacent keys) ~ 0.49
+    both = (keep[..., 1:] & keep[..., :-1]).mean()
+    assert abs(both - 0.49) < 4 * np.sqrt(0.25 / keep[..., 1:].size)
+    other = np.asarray(dropout_keep(jax.random.key_data(jax.random.key(4)), 0.3, b, h, q, k))
+    assert 0.4 < (keep == other).mean() < 0.6 + 0.05  # another seed: another mask (~0.58 agree)
+
+
+def test_pallas_dropout_forward_and_backward_use_one_mask():
+    """Outputs and gradients equal dense attention with the same keep mask (float64)."""
+    from memory_efficient_attention.jax import efficient_dot_product_attention
+    from memory_efficient_attention.jax._pallas import dropout_keep
+
+    rate, rng_key = 0.25, jax.random.key(7)
+    q, k, v, d_out, _ = _inputs((2,), 21, 27, 4, 2, 8, 6, False)
+    q, k, v, d_out = (jnp.asarray(x) for x in (q, k, v, d_out))
+    seed = jax.random.key_data(rng_key)
+    keep = dropout_keep(
+        seed, rate, jnp.arange(2)[:, None, None, None], jnp.arange(4)[None, :, None, None],
+        jnp.arange(21)[None, None, :, None], jnp.arange(27)[None, None, None, :],
+    )  # fmt: skip  # [B, H, L, S]
+
+    def dense(q, k, v):
+        kk, vv = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+        s = jnp.einsum("blhd,bshd->bhls", q, kk) / np.sqrt(8)
+        s = jnp.where(jnp.arange(27)[None, :] <= jnp.arange(21)[:, None] + 6, s, -jnp.inf)
+        p = jax.nn.softmax(s, axis=-1) * keep / (1 - rate)
+        return jnp.einsum("bhls,bshe->blhe", p, vv)
+
+    def ours(q, k, v):
+        return efficient_dot_product_attention(
+            q, k, v, is_causal=True, causal_alignment="bottom_right", dropout_rate=rate,
+            dropout_rng=rng_key, engine="pallas", query_chunk_size=16, key_chunk_size=16,
+        )  # fmt: skip
+
+    got_out, got_vjp = jax.vjp(ours, q, k, v)
+    want_out, want_vjp = jax.vjp(dense, q, k, v)
+    np.testing.assert_allclose(got_out, want_out, atol=1e-10)
+    for got, want, n in zip(got_vjp(d_out), want_vjp(d_out), "qkv"):
+        np.testing.assert_allclose(got, want, atol=1e-10, err_msg=f"d{n}")

@@ -15,8 +15,10 @@ Layouts inside (legend: ``memory_efficient_attention._spec``): ``q [Z, H, Lp, D]
 ``k [Z, K, Sp, D]``, ``v [Z, K, Sp, E]``, ``out [Z, H, Lp, E]``, ``lse [Z, H, Lp]``; ``Lp``/``Sp``
 pad the lengths to whole blocks (padded keys are masked, padded rows dropped).
 
-Not covered (the chunked engine runs these; ``refusal`` names which): a dense ``mask`` or
-``bias``, dropout, the seed's callbacks, ``score_mod``/``mask_mod`` that close over traced values,
+Dropout: the keep mask of each pair is a counter-based hash of ``(seed, b, h, q, k)``
+(``dropout_keep``), regenerated in the backward (a different mask from the chunked engine's, with
+the same law). Not covered (the chunked engine runs these; ``refusal`` names which): a dense
+``mask`` or ``bias``, the seed's callbacks, ``score_mod``/``mask_mod`` that close over traced values,
 float64 on an accelerator. Lowering: on CPU the kernels run with ``interpret=True`` (tests,
 debugging); on GPU/TPU they compile through Pallas (untested here: no accelerator was lent).
 """
@@ -36,15 +38,13 @@ from ._kernel import Mods, Operands
 
 __all__ = ["block_sizes", "pallas_attention", "refusal"]
 
-_INTS = ("q_lengths", "kv_lengths", "q_segments", "kv_segments")
+_INTS = ("q_lengths", "kv_lengths", "q_segments", "kv_segments", "seed")
 
 
 def refusal(cfg: KernelConfig, mods: Mods, ops: Operands) -> str | None:
     """Why the Pallas engine cannot run this call, or None if it can."""
     if ops.bias is not None or ops.mask is not None:
         return "a dense mask or bias (use the structured arguments, mask_mod or score_mod)"
-    if cfg.dropout:
-        return "dropout"
     if mods.seed_callbacks:
         return "the seed's per-chunk callbacks"
     if any(jax.tree.leaves(ops.consts)):
@@ -63,6 +63,28 @@ def block_sizes(cfg: KernelConfig) -> tuple[int, int]:
         return 1 << (n.bit_length() - 1)
 
     return fit(cfg.q_chunk), fit(cfg.k_chunk)
+
+
+def _mix(x):
+    """murmur3's 32-bit finaliser: every input bit flips about half the output bits."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def dropout_keep(seed, rate: float, b, h, q_idx, k_idx):
+    """The dropout keep mask of pairs ``(q_idx, k_idx)`` of batch row ``b``, query head ``h``: a
+    counter-based hash of ``(seed, b, h, q, k)`` (``seed``: the two uint32 words of the key), so
+    the backward regenerates exactly the forward's mask, block by block, in any order.
+    ``P(keep) = 1 - rate`` (to 2**-24)."""
+    u32 = jnp.uint32
+    x = _mix(seed[0] ^ _mix(jnp.asarray(b).astype(u32) * u32(0x9E3779B1) + jnp.asarray(h).astype(u32)))
+    x = _mix(x ^ (jnp.asarray(q_idx).astype(u32) * u32(0x27D4EB2F)) ^ seed[1])
+    x = _mix(x ^ jnp.asarray(k_idx).astype(u32) * u32(0x165667B1))
+    threshold = u32(min(int(rate * 2**24), 2**24))
+    return (x >> 8) >= threshold
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,6 +161,15 @@ def _int_refs(names, refs):
     return dict(zip(names, refs))
 
 
+def _dropped(cfg, int_refs, b, h, q_idx, k_idx, p):
+    """``p`` with the call's dropout applied (kept entries scaled by ``1 / (1 - rate)``)."""
+    if not cfg.dropout:
+        return p
+    seed = (int_refs["seed"][0], int_refs["seed"][1])
+    keep = dropout_keep(seed, cfg.dropout, b, h, q_idx, k_idx)
+    return jnp.where(keep, p / (1.0 - cfg.dropout), 0.0)
+
+
 def _row_ints(int_refs, b) -> dict:
     """The integer operands of a program that owns a query block (its segment ids' block)."""
     ints = {}
@@ -179,7 +210,8 @@ def _forward_kernel(cfg, mods, names, bq, bk, nk, *refs):
         shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = jnp.exp(s - shift[:, None])
         alpha = jnp.exp(jnp.where(m == -jnp.inf, -jnp.inf, m - shift))
-        return m_new, l * alpha + p.sum(axis=1), acc * alpha[:, None] + _dot(p, v, cdt)
+        p_v = _dropped(cfg, int_refs, b, h, q_idx, k_idx, p)  # dropout after normalising: same sum
+        return m_new, l * alpha + p.sum(axis=1), acc * alpha[:, None] + _dot(p_v, v, cdt)
 
     lo, hi = _key_blocks(cfg, i * bq, (i + 1) * bq, bk, nk)
     init = (
@@ -226,7 +258,8 @@ def _dq_kernel(cfg, mods, names, bq, bk, nk, *refs):
         k_idx = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         block_ints = _with_key_segments(ints, int_refs, j, bk)
         p, s_raw, run = _probabilities(cfg, mods, block_ints, b, h, q, k, q_idx, k_idx, lse, cdt)
-        ds = p * (_dot(do, v, cdt, trans_b=True) - delta[:, None])
+        dp = _dropped(cfg, int_refs, b, h, q_idx, k_idx, _dot(do, v, cdt, trans_b=True))
+        ds = p * (dp - delta[:, None])
         return dq + _dot(_raw_grad(cfg, mods, run, s_raw, ds), k, cdt) * cfg.scale
 
     lo, hi = _key_blocks(cfg, i * bq, (i + 1) * bq, bk, nk)
@@ -264,8 +297,9 @@ def _dkv_kernel(cfg, mods, names, bq, bk, nq, groups, *refs):
             if "q_segments" in int_refs:
                 block_ints["q_segments"] = int_refs["q_segments"][rows][:, None]
             p, s_raw, run = _probabilities(cfg, mods, block_ints, b, h, q, k, q_idx, k_idx, lse, cdt)
-            dv = dv + _dot(p.T, do, cdt)
-            ds = _raw_grad(cfg, mods, run, s_raw, p * (_dot(do, v, cdt, trans_b=True) - delta[:, None]))
+            dv = dv + _dot(_dropped(cfg, int_refs, b, h, q_idx, k_idx, p).T, do, cdt)
+            dp = _dropped(cfg, int_refs, b, h, q_idx, k_idx, _dot(do, v, cdt, trans_b=True))
+            ds = _raw_grad(cfg, mods, run, s_raw, p * (dp - delta[:, None]))
             return dk + _dot(ds.T, q, cdt) * cfg.scale, dv
 
         dk, dv = lax.fori_loop(lo, hi, body, (dk, dv))
@@ -308,6 +342,10 @@ def _int_inputs(ints: dict, lay: _Layout, *, keys_blocked: bool, rows_blocked: b
         if x is None:
             continue
         names.append(name)
+        if name == "seed":  # the dropout key's two uint32 words
+            arrays.append(x)
+            specs.append(pl.BlockSpec((2,), lambda b, h, i: (0,)))
+            continue
         if name.endswith("lengths"):
             arrays.append(x.astype(jnp.int32))
             specs.append(pl.BlockSpec(x.shape, lambda b, h, i: (0,)))
@@ -423,5 +461,6 @@ def pallas_attention(cfg: KernelConfig, mods: Mods, ops: Operands, *, interpret:
     on CPU and compiled elsewhere."""
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    ints = {n: getattr(ops, n) for n in _INTS}
+    ints = {n: getattr(ops, n) for n in _INTS if n != "seed"}
+    ints["seed"] = ops.dropout_key if cfg.dropout else None
     return _attention(cfg, mods, interpret, ops.q, ops.k, ops.v, ints)
