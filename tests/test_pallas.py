@@ -213,3 +213,29 @@ def test_pallas_dropout_forward_and_backward_use_one_mask():
     np.testing.assert_allclose(got_out, want_out, atol=1e-10)
     for got, want, n in zip(got_vjp(d_out), want_vjp(d_out), "qkv"):
         np.testing.assert_allclose(got, want, atol=1e-10, err_msg=f"d{n}")
+
+
+def test_pallas_engine_under_the_tpu_interpreter(monkeypatch):
+    """The kernels through Pallas' TPU interpreter (TPU memory spaces and semantics, as
+    ``pltpu.force_tpu_interpret_mode`` runs TPU kernels) at TPU-shaped blocks (128 x 128, depth
+    128): outputs and gradients equal the chunked engine's."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    from memory_efficient_attention.jax import _pallas, efficient_dot_product_attention
+
+    monkeypatch.setattr(_pallas, "INTERPRET_ON_CPU", pltpu.InterpretParams())
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.standard_normal((1, 200, 4, 128)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, 300, 2, 128)), jnp.float32) for _ in range(2))
+    ids = jnp.asarray(np.sort(rng.integers(0, 3, (1, 300))))
+    kw = dict(
+        is_causal=True, causal_alignment="bottom_right", logits_soft_cap=5.0, query_chunk_size=128,
+        key_chunk_size=128, query_segment_ids=ids[:, 100:], key_segment_ids=ids,
+    )  # fmt: skip
+    results = []
+    for engine in ("pallas", "chunked"):
+        f = lambda q, k, v, e=engine: efficient_dot_product_attention(q, k, v, engine=e, **kw)  # noqa: E731
+        out, vjp = jax.vjp(f, q, k, v)
+        results.append([out, *vjp(jnp.cos(out))])
+    for got, want, name in zip(*results, ("out", "dq", "dk", "dv")):
+        np.testing.assert_allclose(got, want, atol=2e-5, err_msg=name)

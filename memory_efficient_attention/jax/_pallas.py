@@ -40,6 +40,11 @@ __all__ = ["block_sizes", "pallas_attention", "refusal"]
 
 _INTS = ("q_lengths", "kv_lengths", "q_segments", "kv_segments", "seed")
 
+# How the kernels run on a CPU: ``True`` is Pallas' generic interpreter; set it to
+# ``jax.experimental.pallas.tpu.InterpretParams()`` to run them through the TPU interpreter (what
+# ``pltpu.force_tpu_interpret_mode()`` does for TPU kernels: TPU memory spaces and semantics).
+INTERPRET_ON_CPU = True
+
 
 def refusal(cfg: KernelConfig, mods: Mods, ops: Operands) -> str | None:
     """Why the Pallas engine cannot run this call, or None if it can."""
@@ -458,9 +463,9 @@ def pallas_attention(cfg: KernelConfig, mods: Mods, ops: Operands, *, interpret:
     """``(out [Z, L, H, E], lse [Z, L, H])`` by the Pallas kernels (``lse`` finite:
     ``finfo.min`` for a row with no key, as ``_function.chunked_attention``); differentiable in
     q, k, v (first order; the lse's cotangent included). ``interpret``: None runs interpreted
-    on CPU and compiled elsewhere."""
+    on CPU (``INTERPRET_ON_CPU``) and compiled elsewhere."""
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+        interpret = INTERPRET_ON_CPU if jax.default_backend() == "cpu" else False
     ints = {n: getattr(ops, n) for n in _INTS if n != "seed"}
     ints["seed"] = ops.dropout_key if cfg.dropout else None
     return _attention(cfg, mods, interpret, ops.q, ops.k, ops.v, ints)
