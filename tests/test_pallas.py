@@ -1,7 +1,8 @@
 """The JAX Pallas engine (``engine="pallas"``) in interpret mode on CPU: outputs, gradients and the
 lse's gradient against the float64 dense reference, on shapes whose lengths are not multiples of
 the blocks, with GQA, cross-attention, value depth != key depth, every structured mask, soft cap,
-``score_mod`` and ``mask_mod``; plus what it refuses and how ``engine="auto"`` chooses it."""
+``score_mod`` and ``mask_mod``, a bias with its gradient at every broadcast shape, dropout; the
+TPU interpreter; plus what it refuses and how ``engine="auto"`` chooses it."""
 
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ def test_what_the_pallas_engine_refuses_is_named():
 
     x = jnp.ones((1, 8, 2, 4))
     with pytest.raises(AttentionInputError, match="engine='pallas' cannot run this call: it has a dense"):
-        efficient_dot_product_attention(x, x, x, bias=jnp.zeros((1, 2, 8, 8)), engine="pallas")
+        efficient_dot_product_attention(x, x, x, mask=jnp.ones((1, 2, 8, 8), bool), engine="pallas")
     with pytest.raises(AttentionInputError, match="it has the seed's per-chunk callbacks"):
         efficient_dot_product_attention(x, x, x, weights_calc_fn=lambda *a: a[2], engine="pallas")
 
@@ -150,8 +151,8 @@ def test_auto_takes_pallas_only_on_validated_platforms(monkeypatch):
     monkeypatch.setattr(_api, "PALLAS_AUTO_PLATFORMS", ("cpu",))
     efficient_dot_product_attention(q, q, q, engine="auto", is_causal=True, key_chunk_size=16)
     assert calls == [1]
-    bias = jnp.zeros((1, 2, 16, 16))  # something Pallas does not cover: "auto" falls back
-    efficient_dot_product_attention(q, q, q, bias=bias, engine="auto", key_chunk_size=16)
+    mask = jnp.ones((1, 2, 16, 16), bool)  # something Pallas does not cover: "auto" falls back
+    efficient_dot_product_attention(q, q, q, mask=mask, engine="auto", key_chunk_size=16)
     assert calls == [1]
 
 
@@ -239,3 +240,26 @@ def test_pallas_engine_under_the_tpu_interpreter(monkeypatch):
         results.append([out, *vjp(jnp.cos(out))])
     for got, want, name in zip(*results, ("out", "dq", "dk", "dv")):
         np.testing.assert_allclose(got, want, atol=2e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 21, 27), (1, 4, 21, 27), (2, 1, 1, 27), (1, 4, 21, 1)],
+                         ids=["full", "batch-broadcast", "key-padding-like", "per-query"])  # fmt: skip
+def test_pallas_bias_gets_its_gradient_at_its_shape(shape):
+    from memory_efficient_attention.jax import efficient_dot_product_attention
+
+    q, k, v, d_out, _ = _inputs((2,), 21, 27, 4, 2, 8, 6, False)
+    bias = np.random.default_rng(2).standard_normal(shape)
+    kw = dict(is_causal=True, causal_alignment="bottom_right", logits_soft_cap=3.0)
+
+    def f(q, k, v, b):
+        return efficient_dot_product_attention(
+            q, k, v, bias=b, engine="pallas", query_chunk_size=16, key_chunk_size=16, **kw
+        )
+
+    out, vjp = jax.vjp(f, *(jnp.asarray(x) for x in (q, k, v, bias)))
+    grads = vjp(jnp.asarray(d_out))
+    want_out, want = reference_grads(q, k, v, d_out, bias=bias, **kw)
+    np.testing.assert_allclose(out, want_out, atol=1e-10)
+    for got, name in zip(grads, ("query", "key", "value", "bias")):
+        assert got.shape == want[name].shape, name
+        np.testing.assert_allclose(got, want[name], atol=1e-10, err_msg=name)

@@ -354,8 +354,9 @@ def efficient_dot_product_attention(
       engine: ``"auto"`` (default) or ``"chunked"``: the chunked engine (XLA loops, every
         feature, every platform); ``"pallas"``: one fused Pallas kernel per pass with the score
         pipeline inside (``jax._pallas``: structured masks with block skipping, lengths, segment
-        ids, soft cap, ``score_mod``/``mask_mod``, GQA, lse; not a dense mask or bias, dropout,
-        the seed's callbacks, or callables that close over traced arrays: those raise). It runs
+        ids, soft cap, bias with its gradient, dropout, ``score_mod``/``mask_mod``, GQA, lse;
+        not a dense boolean mask, the seed's callbacks, or callables that close over traced
+        arrays: those raise). It runs
         interpreted on CPU (slow: for tests and debugging) and compiled on GPU/TPU, where it has
         not run yet, so ``"auto"`` does not pick it. ``"fused"`` raises (the PyTorch functions'
         name for torch's fused CPU kernel).
@@ -556,7 +557,7 @@ def dot_product_attention(
         does where no cuDNN GPU backend is present; where one is, our kernel runs in its place
         (cuDNN's flash attention is not called, and its shape/dtype limits do not apply).
         ``"pallas"`` (ours, not jax's): the Pallas engine (``engine="pallas"`` of
-        ``efficient_dot_product_attention``; interpreted on CPU); a dense mask or bias refuses it.
+        ``efficient_dot_product_attention``; interpreted on CPU); a boolean ``mask`` refuses it.
       return_residual: also return the log-sum-exp ``[B, T, N]`` (no gradient), as jax does.
 
     As in jax, masked logits are a large finite negative number, so a row whose every key is

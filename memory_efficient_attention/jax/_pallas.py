@@ -17,10 +17,14 @@ pad the lengths to whole blocks (padded keys are masked, padded rows dropped).
 
 Dropout: the keep mask of each pair is a counter-based hash of ``(seed, b, h, q, k)``
 (``dropout_keep``), regenerated in the backward (a different mask from the chunked engine's, with
-the same law). Not covered (the chunked engine runs these; ``refusal`` names which): a dense
-``mask`` or ``bias``, the seed's callbacks, ``score_mod``/``mask_mod`` that close over traced values,
-float64 on an accelerator. Lowering: on CPU the kernels run with ``interpret=True`` (tests,
-debugging); on GPU/TPU they compile through Pallas (untested here: no accelerator was lent).
+the same law). A ``bias`` ``[Zb, Hb, Lb, Sb]`` (each dim 1 or full) is read block by block and
+gets its gradient at its own shape (the dQ kernel writes it per batch row and head,
+``O(Z * H * Lb * Sb)``, then the broadcast dims are summed). Not covered (the chunked engine runs
+these; ``refusal`` names which): a dense boolean ``mask``, the seed's callbacks,
+``score_mod``/``mask_mod`` that close over traced values, float64 on an accelerator.
+
+Lowering: on CPU the kernels run interpreted (``INTERPRET_ON_CPU``: tests, debugging; the TPU
+interpreter too); on GPU/TPU they compile through Pallas (untested: no accelerator was lent).
 """
 
 from __future__ import annotations
@@ -48,8 +52,8 @@ INTERPRET_ON_CPU = True
 
 def refusal(cfg: KernelConfig, mods: Mods, ops: Operands) -> str | None:
     """Why the Pallas engine cannot run this call, or None if it can."""
-    if ops.bias is not None or ops.mask is not None:
-        return "a dense mask or bias (use the structured arguments, mask_mod or score_mod)"
+    if ops.mask is not None:
+        return "a dense mask (use the structured arguments or mask_mod)"
     if mods.seed_callbacks:
         return "the seed's per-chunk callbacks"
     if any(jax.tree.leaves(ops.consts)):
@@ -98,11 +102,14 @@ def dropout_keep(seed, rate: float, b, h, q_idx, k_idx):
 
 
 def _pipeline(cfg: KernelConfig, mods: Mods, b, h, q_idx, k_idx):
-    """``scores -> scores`` after the matmul: soft cap, then ``score_mod`` (``SCORE_PIPELINE``)."""
+    """``(scores, bias block or None) -> scores`` after the matmul: soft cap, bias, then
+    ``score_mod`` (``SCORE_PIPELINE``)."""
 
-    def run(s):
+    def run(s, bias=None):
         if cfg.softcap is not None:
             s = cfg.softcap * jnp.tanh(s / cfg.softcap)
+        if bias is not None:
+            s = s + bias.astype(s.dtype)
         if mods.score_mod is not None:
             s = jnp.broadcast_to(mods.score_mod(s, b, h, q_idx, k_idx), s.shape).astype(s.dtype)
         return s
@@ -175,6 +182,15 @@ def _dropped(cfg, int_refs, b, h, q_idx, k_idx, p):
     return jnp.where(keep, p / (1.0 - cfg.dropout), 0.0)
 
 
+def _bias_rows(int_refs, j, bk: int, wide: bool):
+    """The bias block ``(bq | 1, bk | 1)`` of key block ``j`` for a query block's program (None
+    without a bias). ``wide``: the bias varies over keys."""
+    if "bias" not in int_refs:
+        return None
+    ref = int_refs["bias"]
+    return ref[:, pl.ds(j * bk, bk)] if wide else ref[...]
+
+
 def _row_ints(int_refs, b) -> dict:
     """The integer operands of a program that owns a query block (its segment ids' block)."""
     ints = {}
@@ -193,7 +209,7 @@ def _with_key_segments(ints: dict, int_refs, j, bk: int) -> dict:
     return {**ints, "kv_segments": int_refs["kv_segments"][pl.ds(j * bk, bk)][None, :]}
 
 
-def _forward_kernel(cfg, mods, names, bq, bk, nk, *refs):
+def _forward_kernel(cfg, mods, names, bq, bk, nk, bias_wide, *refs):
     q_ref, k_ref, v_ref, *rest = refs
     int_refs, (o_ref, lse_ref) = _int_refs(names, rest[: len(names)]), rest[len(names) :]
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -208,7 +224,8 @@ def _forward_kernel(cfg, mods, names, bq, bk, nk, *refs):
         v = v_ref[pl.ds(j * bk, bk), :].astype(cdt)
         k_idx = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         block_ints = _with_key_segments(ints, int_refs, j, bk)
-        s = _pipeline(cfg, mods, b, h, q_idx, k_idx)(_dot(q, k, cdt, trans_b=True) * cfg.scale)
+        bias = _bias_rows(int_refs, j, bk, bias_wide)
+        s = _pipeline(cfg, mods, b, h, q_idx, k_idx)(_dot(q, k, cdt, trans_b=True) * cfg.scale, bias)
         keep = _keep(cfg, mods, block_ints, b, h, q_idx, k_idx, s.shape)
         s = jnp.where(keep, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1))
@@ -230,49 +247,69 @@ def _forward_kernel(cfg, mods, names, bq, bk, nk, *refs):
     lse_ref[...] = jnp.where(kept, m + jnp.log(jnp.where(kept, l, 1.0)), jnp.finfo(cdt).min).astype(cdt)
 
 
-def _probabilities(cfg, mods, ints, b, h, q, k, q_idx, k_idx, lse, cdt):
+def _probabilities(cfg, mods, ints, b, h, q, k, q_idx, k_idx, lse, cdt, bias=None):
     """``(P, s_raw, pipeline)`` of one block, recomputed from the saved lse."""
     s_raw = _dot(q, k, cdt, trans_b=True) * cfg.scale
     run = _pipeline(cfg, mods, b, h, q_idx, k_idx)
-    s = run(s_raw)
+    s = run(s_raw, bias)
     keep = _keep(cfg, mods, ints, b, h, q_idx, k_idx, s.shape)
     p = jnp.where(keep, jnp.exp(jnp.where(keep, s, 0.0) - lse[:, None]), 0.0)
     return p, s_raw, run
 
 
-def _raw_grad(cfg, mods, run, s_raw, ds):
-    """The gradient of the raw scores (before soft cap and ``score_mod``)."""
-    if cfg.softcap is None and mods.score_mod is None:
-        return ds
-    return jax.vjp(run, s_raw)[1](ds)[0]
+def _raw_grad(cfg, mods, run, s_raw, ds, bias=None):
+    """The gradients of the raw scores (before soft cap, bias and ``score_mod``) and of the bias
+    block (None without one)."""
+    if mods.score_mod is None:  # the bias's gradient is the scores' own
+        d_raw = ds if cfg.softcap is None else jax.vjp(lambda x: run(x), s_raw)[1](ds)[0]
+        return d_raw, (None if bias is None else ds)
+    if bias is None:
+        return jax.vjp(run, s_raw)[1](ds)[0], None
+    d_raw, d_bias = jax.vjp(lambda s, c: run(s, c), s_raw, bias.astype(s_raw.dtype))[1](ds)
+    return d_raw, d_bias
 
 
-def _dq_kernel(cfg, mods, names, bq, bk, nk, *refs):
+def _dq_kernel(cfg, mods, names, bq, bk, nk, bias_shape, *refs):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-    int_refs, (dq_ref,) = _int_refs(names, rest[: len(names)]), rest[len(names) :]
+    int_refs, outs = _int_refs(names, rest[: len(names)]), rest[len(names) :]
+    dq_ref, dbias_ref = outs if len(outs) == 2 else (outs[0], None)
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     cdt = jnp.dtype(cfg.compute_dtype)
     q, do = q_ref[...].astype(cdt), do_ref[...].astype(cdt)
     lse, delta = lse_ref[...].astype(cdt), delta_ref[...].astype(cdt)
     q_idx = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
     ints = _row_ints(int_refs, b)
+    tall, wide = (bias_shape[2] > 1, bias_shape[3] > 1) if bias_shape else (False, False)
+    if dbias_ref is not None:
+        dbias_ref[...] = jnp.zeros(dbias_ref.shape, dbias_ref.dtype)  # blocks the mask skips
 
-    def body(j, dq):
+    def body(j, carry):
+        dq, d_col = carry
         k = k_ref[pl.ds(j * bk, bk), :].astype(cdt)
         v = v_ref[pl.ds(j * bk, bk), :].astype(cdt)
         k_idx = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         block_ints = _with_key_segments(ints, int_refs, j, bk)
-        p, s_raw, run = _probabilities(cfg, mods, block_ints, b, h, q, k, q_idx, k_idx, lse, cdt)
+        bias = _bias_rows(int_refs, j, bk, wide)
+        p, s_raw, run = _probabilities(cfg, mods, block_ints, b, h, q, k, q_idx, k_idx, lse, cdt, bias)
         dp = _dropped(cfg, int_refs, b, h, q_idx, k_idx, _dot(do, v, cdt, trans_b=True))
-        ds = p * (dp - delta[:, None])
-        return dq + _dot(_raw_grad(cfg, mods, run, s_raw, ds), k, cdt) * cfg.scale
+        d_raw, d_bias = _raw_grad(cfg, mods, run, s_raw, p * (dp - delta[:, None]), bias)
+        if d_bias is not None:
+            d_bias = d_bias if tall else d_bias.sum(axis=0, keepdims=True)
+            if wide:
+                dbias_ref[:, pl.ds(j * bk, bk)] = d_bias.astype(dbias_ref.dtype)
+            else:
+                d_col = d_col + d_bias.sum(axis=1, keepdims=True)
+        return dq + _dot(d_raw, k, cdt) * cfg.scale, d_col
 
     lo, hi = _key_blocks(cfg, i * bq, (i + 1) * bq, bk, nk)
-    dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, cdt))
+    d_col = jnp.zeros((bq if tall else 1, 1), cdt)
+    dq, d_col = lax.fori_loop(lo, hi, body, (jnp.zeros(q.shape, cdt), d_col))
     dq_ref[...] = dq.astype(dq_ref.dtype)
+    if dbias_ref is not None and not wide:
+        dbias_ref[...] = d_col.astype(dbias_ref.dtype)
 
 
-def _dkv_kernel(cfg, mods, names, bq, bk, nq, groups, *refs):
+def _dkv_kernel(cfg, mods, names, bq, bk, nq, groups, bias_shape, *refs):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
     int_refs, (dk_ref, dv_ref) = _int_refs(names, rest[: len(names)]), rest[len(names) :]
     b, kh, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -301,10 +338,14 @@ def _dkv_kernel(cfg, mods, names, bq, bk, nq, groups, *refs):
             block_ints = dict(ints)
             if "q_segments" in int_refs:
                 block_ints["q_segments"] = int_refs["q_segments"][rows][:, None]
-            p, s_raw, run = _probabilities(cfg, mods, block_ints, b, h, q, k, q_idx, k_idx, lse, cdt)
+            bias = None
+            if "bias" in int_refs:  # [G | 1, Lp | 1, bk | 1] of this key block
+                head = g if bias_shape[1] > 1 else 0
+                bias = int_refs["bias"][head, rows, :] if bias_shape[2] > 1 else int_refs["bias"][head]
+            p, s_raw, run = _probabilities(cfg, mods, block_ints, b, h, q, k, q_idx, k_idx, lse, cdt, bias)
             dv = dv + _dot(_dropped(cfg, int_refs, b, h, q_idx, k_idx, p).T, do, cdt)
             dp = _dropped(cfg, int_refs, b, h, q_idx, k_idx, _dot(do, v, cdt, trans_b=True))
-            ds = _raw_grad(cfg, mods, run, s_raw, p * (dp - delta[:, None]))
+            ds, _ = _raw_grad(cfg, mods, run, s_raw, p * (dp - delta[:, None]), bias)
             return dk + _dot(ds.T, q, cdt) * cfg.scale, dv
 
         dk, dv = lax.fori_loop(lo, hi, body, (dk, dv))
@@ -337,10 +378,11 @@ class _Layout:
         self.groups = d.q_heads // d.kv_heads
 
 
-def _int_inputs(ints: dict, lay: _Layout, *, keys_blocked: bool, rows_blocked: bool):
-    """``(names, arrays, specs)`` of the integer operands present; segment ids padded to whole
-    blocks (the padding is masked anyway). ``keys_blocked``/``rows_blocked``: whether the grid's
-    third axis walks key blocks (dK/dV) or query blocks (forward, dQ)."""
+def _int_inputs(ints: dict, lay: _Layout, *, keys_blocked: bool, rows_blocked: bool, bias=None):
+    """``(names, arrays, specs)`` of the integer operands present (and the bias, last); segment
+    ids and bias padded to whole blocks (the padding is masked anyway). ``keys_blocked`` /
+    ``rows_blocked``: whether the grid's third axis walks key blocks (dK/dV) or query blocks
+    (forward, dQ)."""
     names, arrays, specs = [], [], []
     for name in _INTS:
         x = ints.get(name)
@@ -363,20 +405,38 @@ def _int_inputs(ints: dict, lay: _Layout, *, keys_blocked: bool, rows_blocked: b
             specs.append(pl.BlockSpec((None, block), lambda b, h, i: (b, i)))
         else:
             specs.append(pl.BlockSpec((None, size), lambda b, h, i: (b, 0)))
+    if bias is not None:
+        names.append("bias")
+        zb, hb, lb, sb = bias.shape
+        tall, wide = lb > 1, sb > 1
+        arrays.append(_pad(_pad(bias, 2, lay.lp) if tall else bias, 3, lay.sp) if wide else
+                      (_pad(bias, 2, lay.lp) if tall else bias))  # fmt: skip
+        if rows_blocked:  # program (b, h, query block i): its rows, every key
+            block = (None, None, lay.bq if tall else 1, lay.sp if wide else 1)
+            specs.append(pl.BlockSpec(
+                block, lambda b, h, i: (b if zb > 1 else 0, h if hb > 1 else 0, i if tall else 0, 0)
+            ))  # fmt: skip
+        else:  # program (b, key/value head, key block j): the G heads' rows, its keys
+            block = (None, lay.groups if hb > 1 else 1, lay.lp if tall else 1, lay.bk if wide else 1)
+            specs.append(pl.BlockSpec(
+                block, lambda b, kh, j: (b if zb > 1 else 0, kh if hb > 1 else 0, 0, j if wide else 0)
+            ))  # fmt: skip
     return names, arrays, specs
 
 
-def _forward(cfg: KernelConfig, mods: Mods, interpret: bool, q, k, v, ints):
-    """``(out [Z, L, H, E], lse [Z, L, H] finite)`` from kernel-layout ``q, k, v``."""
+def _forward(cfg: KernelConfig, mods: Mods, interpret: bool, q, k, v, bias, ints):
+    """``(out [Z, L, H, E], lse [Z, L, H] finite)`` from kernel-layout ``q, k, v`` (``bias``
+    ``[Zb, Hb, Lb, Sb]`` or None)."""
     d, lay = cfg.dims, _Layout(cfg)
     cdt = jnp.dtype(cfg.compute_dtype)
     qt = _pad(jnp.swapaxes(q, 1, 2), 2, lay.lp)  # [Z, H, Lp, D]
     kt = _pad(jnp.swapaxes(k, 1, 2), 2, lay.sp)  # [Z, K, Sp, D]
     vt = _pad(jnp.swapaxes(v, 1, 2), 2, lay.sp)
-    names, arrays, int_specs = _int_inputs(ints, lay, keys_blocked=False, rows_blocked=True)
+    names, arrays, int_specs = _int_inputs(ints, lay, keys_blocked=False, rows_blocked=True, bias=bias)
     G = lay.groups
+    wide = bias is not None and bias.shape[3] > 1
     out, lse = pl.pallas_call(
-        partial(_forward_kernel, cfg, mods, tuple(names), lay.bq, lay.bk, lay.nk),
+        partial(_forward_kernel, cfg, mods, tuple(names), lay.bq, lay.bk, lay.nk, wide),
         grid=(d.batch_size, d.q_heads, lay.nq),
         in_specs=[
             pl.BlockSpec((None, None, lay.bq, d.qk_depth), lambda b, h, i: (b, h, i, 0)),
@@ -397,7 +457,7 @@ def _forward(cfg: KernelConfig, mods: Mods, interpret: bool, q, k, v, ints):
     return jnp.swapaxes(out[:, :, : d.q_len], 1, 2), jnp.swapaxes(lse[:, :, : d.q_len], 1, 2)
 
 
-def _backward(cfg: KernelConfig, mods: Mods, interpret: bool, q, k, v, ints, out, lse, d_out, d_lse):
+def _backward(cfg: KernelConfig, mods: Mods, interpret: bool, q, k, v, bias, ints, out, lse, d_out, d_lse):
     d, lay = cfg.dims, _Layout(cfg)
     cdt = jnp.dtype(cfg.compute_dtype)
     delta = jnp.sum(d_out.astype(cdt) * out.astype(cdt), axis=-1)  # [Z, L, H]
@@ -410,24 +470,32 @@ def _backward(cfg: KernelConfig, mods: Mods, interpret: bool, q, k, v, ints, out
     kt = _pad(jnp.swapaxes(k, 1, 2), 2, lay.sp)
     vt = _pad(jnp.swapaxes(v, 1, 2), 2, lay.sp)
     G, D, E = lay.groups, d.qk_depth, d.v_depth
-    names, arrays, int_specs = _int_inputs(ints, lay, keys_blocked=False, rows_blocked=True)
+    names, arrays, int_specs = _int_inputs(ints, lay, keys_blocked=False, rows_blocked=True, bias=bias)
+    bias_shape = None if bias is None else tuple(bias.shape)
     row = lambda width: pl.BlockSpec((None, None, lay.bq, width), lambda b, h, i: (b, h, i, 0))  # noqa: E731
     whole_kv = lambda width: pl.BlockSpec((None, None, lay.sp, width), lambda b, h, i: (b, h // G, 0, 0))  # noqa: E731
     row_vec = pl.BlockSpec((None, None, lay.bq), lambda b, h, i: (b, h, i))
-    dq = pl.pallas_call(
-        partial(_dq_kernel, cfg, mods, tuple(names), lay.bq, lay.bk, lay.nk),
+    out_specs, out_shape = [row(D)], [jax.ShapeDtypeStruct(qt.shape, q.dtype)]
+    if bias is not None:  # dbias per (batch row, head, query block), summed to its shape below
+        tall, wide = bias_shape[2] > 1, bias_shape[3] > 1
+        block = (None, None, lay.bq if tall else 1, lay.sp if wide else 1)
+        out_specs.append(pl.BlockSpec(block, lambda b, h, i: (b, h, i, 0)))
+        full = (d.batch_size, d.q_heads, lay.lp if tall else lay.nq, lay.sp if wide else 1)
+        out_shape.append(jax.ShapeDtypeStruct(full, cdt))
+    dq, *dbias = pl.pallas_call(
+        partial(_dq_kernel, cfg, mods, tuple(names), lay.bq, lay.bk, lay.nk, bias_shape),
         grid=(d.batch_size, d.q_heads, lay.nq),
         in_specs=[row(D), whole_kv(D), whole_kv(E), row(E), row_vec, row_vec, *int_specs],
-        out_specs=row(D),
-        out_shape=jax.ShapeDtypeStruct(qt.shape, q.dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         interpret=interpret,
     )(qt, kt, vt, dot_, lse_t, delta_t, *arrays)
-    names, arrays, int_specs = _int_inputs(ints, lay, keys_blocked=True, rows_blocked=False)
+    names, arrays, int_specs = _int_inputs(ints, lay, keys_blocked=True, rows_blocked=False, bias=bias)
     group_rows = lambda width: pl.BlockSpec((None, G, lay.lp, width), lambda b, h, j: (b, h, 0, 0))  # noqa: E731
     group_vec = pl.BlockSpec((None, G, lay.lp), lambda b, h, j: (b, h, 0))
     key_block = lambda width: pl.BlockSpec((None, None, lay.bk, width), lambda b, h, j: (b, h, j, 0))  # noqa: E731
     dk, dv = pl.pallas_call(
-        partial(_dkv_kernel, cfg, mods, tuple(names), lay.bq, lay.bk, lay.nq, G),
+        partial(_dkv_kernel, cfg, mods, tuple(names), lay.bq, lay.bk, lay.nq, G, bias_shape),
         grid=(d.batch_size, d.kv_heads, lay.nk),
         in_specs=[group_rows(D), key_block(D), key_block(E), group_rows(E), group_vec, group_vec, *int_specs],
         out_specs=[key_block(D), key_block(E)],
@@ -435,25 +503,39 @@ def _backward(cfg: KernelConfig, mods: Mods, interpret: bool, q, k, v, ints, out
         interpret=interpret,
     )(qt, kt, vt, dot_, lse_t, delta_t, *arrays)
     unpad = lambda x, n: jnp.swapaxes(x[:, :, :n], 1, 2)  # noqa: E731
-    return unpad(dq, d.q_len), unpad(dk, d.kv_len), unpad(dv, d.kv_len)
+    grads = (unpad(dq, d.q_len), unpad(dk, d.kv_len), unpad(dv, d.kv_len))
+    return (*grads, None if bias is None else _bias_grad(dbias[0], bias, d))
+
+
+def _bias_grad(full, bias, d):
+    """The bias's gradient at its own shape ``[Zb, Hb, Lb, Sb]`` from the dQ kernel's
+    ``[Z, H, Lp | query blocks, Sp | 1]``: padding dropped, broadcast dims summed."""
+    zb, hb, lb, sb = bias.shape
+    full = full[:, :, : d.q_len] if lb > 1 else full.sum(axis=2, keepdims=True)
+    full = full[..., : d.kv_len] if sb > 1 else full
+    if zb == 1:
+        full = full.sum(axis=0, keepdims=True)
+    if hb == 1:
+        full = full.sum(axis=1, keepdims=True)
+    return full.astype(bias.dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _attention(cfg: KernelConfig, mods: Mods, interpret: bool, q, k, v, ints):
-    return _forward(cfg, mods, interpret, q, k, v, ints)
+def _attention(cfg: KernelConfig, mods: Mods, interpret: bool, q, k, v, bias, ints):
+    return _forward(cfg, mods, interpret, q, k, v, bias, ints)
 
 
-def _fwd(cfg, mods, interpret, q, k, v, ints):
-    out, lse = _forward(cfg, mods, interpret, q, k, v, ints)
-    return (out, lse), (q, k, v, ints, out, lse)
+def _fwd(cfg, mods, interpret, q, k, v, bias, ints):
+    out, lse = _forward(cfg, mods, interpret, q, k, v, bias, ints)
+    return (out, lse), (q, k, v, bias, ints, out, lse)
 
 
 def _bwd(cfg, mods, interpret, residuals, cotangents):
-    q, k, v, ints, out, lse = residuals
+    q, k, v, bias, ints, out, lse = residuals
     d_out, d_lse = cotangents
-    dq, dk, dv = _backward(cfg, mods, interpret, q, k, v, ints, out, lse, d_out, d_lse)
+    dq, dk, dv, dbias = _backward(cfg, mods, interpret, q, k, v, bias, ints, out, lse, d_out, d_lse)
     zeros = {n: None if x is None else np.zeros(x.shape, jax.dtypes.float0) for n, x in ints.items()}
-    return dq, dk, dv, zeros
+    return dq, dk, dv, dbias, zeros
 
 
 _attention.defvjp(_fwd, _bwd)
@@ -468,4 +550,4 @@ def pallas_attention(cfg: KernelConfig, mods: Mods, ops: Operands, *, interpret:
         interpret = INTERPRET_ON_CPU if jax.default_backend() == "cpu" else False
     ints = {n: getattr(ops, n) for n in _INTS if n != "seed"}
     ints["seed"] = ops.dropout_key if cfg.dropout else None
-    return _attention(cfg, mods, interpret, ops.q, ops.k, ops.v, ints)
+    return _attention(cfg, mods, interpret, ops.q, ops.k, ops.v, ops.bias, ints)
