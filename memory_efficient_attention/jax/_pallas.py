@@ -158,6 +158,16 @@ def _query_blocks(cfg: KernelConfig, k0, k1, bq: int, nq: int):
     return lo_b, jnp.maximum(lo_b, hi_b)
 
 
+def _within_lengths(ints: dict, lo, hi, q0, bk: int):
+    """Key blocks ``[lo, hi)`` cut to the row's key length, none for a query block past its query
+    length: the dynamic part of block skipping (lengths are per batch row, known in the kernel)."""
+    if "kv_lengths" in ints:
+        hi = jnp.maximum(lo, jnp.minimum(hi, (ints["kv_lengths"] + bk - 1) // bk))
+    if "q_lengths" in ints:
+        hi = jnp.where(q0 < ints["q_lengths"], hi, lo)
+    return lo, hi
+
+
 def _dot(a, b, cdt, trans_b=False):
     dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
     return lax.dot_general(a, b, dims, preferred_element_type=cdt)
@@ -235,7 +245,7 @@ def _forward_kernel(cfg, mods, names, bq, bk, nk, bias_wide, *refs):
         p_v = _dropped(cfg, int_refs, b, h, q_idx, k_idx, p)  # dropout after normalising: same sum
         return m_new, l * alpha + p.sum(axis=1), acc * alpha[:, None] + _dot(p_v, v, cdt)
 
-    lo, hi = _key_blocks(cfg, i * bq, (i + 1) * bq, bk, nk)
+    lo, hi = _within_lengths(ints, *_key_blocks(cfg, i * bq, (i + 1) * bq, bk, nk), i * bq, bk)
     init = (
         jnp.full((bq,), -jnp.inf, cdt),
         jnp.zeros((bq,), cdt),
@@ -301,7 +311,7 @@ def _dq_kernel(cfg, mods, names, bq, bk, nk, bias_shape, *refs):
                 d_col = d_col + d_bias.sum(axis=1, keepdims=True)
         return dq + _dot(d_raw, k, cdt) * cfg.scale, d_col
 
-    lo, hi = _key_blocks(cfg, i * bq, (i + 1) * bq, bk, nk)
+    lo, hi = _within_lengths(ints, *_key_blocks(cfg, i * bq, (i + 1) * bq, bk, nk), i * bq, bk)
     d_col = jnp.zeros((bq if tall else 1, 1), cdt)
     dq, d_col = lax.fori_loop(lo, hi, body, (jnp.zeros(q.shape, cdt), d_col))
     dq_ref[...] = dq.astype(dq_ref.dtype)
@@ -324,6 +334,10 @@ def _dkv_kernel(cfg, mods, names, bq, bk, nq, groups, bias_shape, *refs):
     if "q_lengths" in int_refs:
         ints["q_lengths"] = int_refs["q_lengths"][b]
     lo, hi = _query_blocks(cfg, j * bk, (j + 1) * bk, bq, nq)
+    if "q_lengths" in ints:  # query blocks past the row's length, or a key block past its own
+        hi = jnp.minimum(hi, (ints["q_lengths"] + bq - 1) // bq)
+    if "kv_lengths" in ints:
+        hi = jnp.where(j * bk < ints["kv_lengths"], hi, lo)
     dk, dv = jnp.zeros(k.shape, cdt), jnp.zeros(v.shape, cdt)
     for g in range(groups):  # the query heads of this key/value head
         h = kh * groups + g
