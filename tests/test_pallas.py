@@ -182,24 +182,32 @@ def test_pallas_dropout_keep_mask_has_the_right_law():
     assert 0.4 < (keep == other).mean() < 0.6 + 0.05  # another seed: another mask (~0.58 agree)
 
 
-def test_pallas_dropout_forward_and_backward_use_one_mask():
+@pytest.mark.parametrize("interpreter", ["generic", pytest.param("tpu", marks=pytest.mark.slow)])
+def test_pallas_dropout_forward_and_backward_use_one_mask(monkeypatch, interpreter):
     """Outputs and gradients equal dense attention with the same keep mask (float64)."""
-    from memory_efficient_attention.jax import efficient_dot_product_attention
+    from memory_efficient_attention.jax import _pallas, efficient_dot_product_attention
     from memory_efficient_attention.jax._pallas import dropout_keep
 
+    if interpreter == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        monkeypatch.setattr(_pallas, "INTERPRET_ON_CPU", pltpu.InterpretParams())
+
     rate, rng_key = 0.25, jax.random.key(7)
-    q, k, v, d_out, _ = _inputs((2,), 21, 27, 4, 2, 8, 6, False)
+    # (another query length per interpreter: eager calls are compiled once per configuration)
+    L, S = (21, 27) if interpreter == "generic" else (20, 27)
+    q, k, v, d_out, _ = _inputs((2,), L, S, 4, 2, 8, 6, False)
     q, k, v, d_out = (jnp.asarray(x) for x in (q, k, v, d_out))
     seed = jax.random.key_data(rng_key)
     keep = dropout_keep(
         seed, rate, jnp.arange(2)[:, None, None, None], jnp.arange(4)[None, :, None, None],
-        jnp.arange(21)[None, None, :, None], jnp.arange(27)[None, None, None, :],
+        jnp.arange(L)[None, None, :, None], jnp.arange(S)[None, None, None, :],
     )  # fmt: skip  # [B, H, L, S]
 
     def dense(q, k, v):
         kk, vv = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
         s = jnp.einsum("blhd,bshd->bhls", q, kk) / np.sqrt(8)
-        s = jnp.where(jnp.arange(27)[None, :] <= jnp.arange(21)[:, None] + 6, s, -jnp.inf)
+        s = jnp.where(jnp.arange(S)[None, :] <= jnp.arange(L)[:, None] + S - L, s, -jnp.inf)
         p = jax.nn.softmax(s, axis=-1) * keep / (1 - rate)
         return jnp.einsum("bhls,bshe->blhe", p, vv)
 
@@ -263,3 +271,43 @@ def test_pallas_bias_gets_its_gradient_at_its_shape(shape):
     for got, name in zip(grads, ("query", "key", "value", "bias")):
         assert got.shape == want[name].shape, name
         np.testing.assert_allclose(got, want[name], atol=1e-10, err_msg=name)
+
+
+TPU_FEATURES = {
+    "bias-score_mod": dict(bias=(1, 4, 200, 300), score_mod=_score_mod),
+    "mask_mod-lengths-window": dict(mask_mod=_mask_mod, local_window_size=(150, 20),
+                                    query_seq_lengths=[200], key_value_seq_lengths=[250]),
+    "plain-gqa": dict(),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("feature", list(TPU_FEATURES))
+def test_pallas_features_under_the_tpu_interpreter(monkeypatch, feature):
+    """More of the score pipeline through the TPU interpreter (slow: ~20 s each)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    from memory_efficient_attention.jax import _pallas, efficient_dot_product_attention
+
+    monkeypatch.setattr(_pallas, "INTERPRET_ON_CPU", pltpu.InterpretParams())
+    rng = np.random.default_rng(6)
+    q = jnp.asarray(rng.standard_normal((1, 200, 4, 128)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, 300, 2, 128)), jnp.float32) for _ in range(2))
+    kw = dict(TPU_FEATURES[feature])
+    bias = kw.pop("bias", None)
+    bias = None if bias is None else jnp.asarray(rng.standard_normal(bias), jnp.float32)
+    kw = {n: (jnp.asarray(x) if isinstance(x, list) else x) for n, x in kw.items()}
+    results = []
+    for engine in ("pallas", "chunked"):
+
+        def f(q, k, v, b, e=engine):
+            return efficient_dot_product_attention(
+                q, k, v, bias=b, engine=e, query_chunk_size=128, key_chunk_size=128, **kw
+            )
+
+        args = (q, k, v, bias) if bias is not None else (q, k, v)
+        g = f if bias is not None else (lambda q, k, v, f=f: f(q, k, v, None))
+        out, vjp = jax.vjp(g, *args)
+        results.append([out, *vjp(jnp.cos(out))])
+    for got, want, name in zip(*results, ("out", "dq", "dk", "dv", "dbias")):
+        np.testing.assert_allclose(got, want, atol=3e-5, err_msg=name)
