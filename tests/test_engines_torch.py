@@ -363,7 +363,7 @@ def test_jax_takes_the_engine_keyword_and_has_no_fused_engine_yet():
     with pytest.raises(AttentionInputError, match="JAX has no fused engine yet"):
         jax_attention(q, q, q, engine="fused")
     with pytest.raises(AttentionInputError, match="engine must be one of"):
-        jax_attention(q, q, q, engine="pallas")
+        jax_attention(q, q, q, engine="triton")  # ("pallas" is JAX's Pallas engine: test_pallas)
 
 
 def test_decoding_picks_the_engine_by_the_key_layout():
