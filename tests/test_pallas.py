@@ -255,9 +255,13 @@ def test_pallas_engine_under_the_tpu_interpreter(monkeypatch):
 def test_pallas_bias_gets_its_gradient_at_its_shape(shape):
     from memory_efficient_attention.jax import efficient_dot_product_attention
 
-    q, k, v, d_out, _ = _inputs((2,), 21, 27, 4, 2, 8, 6, False)
+    q, k, v, d_out, ids = _inputs((2,), 21, 27, 4, 2, 8, 6, True)
     bias = np.random.default_rng(2).standard_normal(shape)
-    kw = dict(is_causal=True, causal_alignment="bottom_right", logits_soft_cap=3.0)
+    # segment ids too; in row 0 two documents aligned with the 16-blocks, so blocks whose ids
+    # cannot meet are skipped (their bias gradient must stay 0), in row 1 random ones
+    ids["query_segment_ids"][0] = np.repeat([0, 1], [16, 5])
+    ids["key_segment_ids"][0] = np.repeat([0, 1], [16, 11])
+    kw = dict(is_causal=True, causal_alignment="bottom_right", logits_soft_cap=3.0, **ids)
 
     def f(q, k, v, b):
         return efficient_dot_product_attention(

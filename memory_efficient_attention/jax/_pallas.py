@@ -158,6 +158,20 @@ def _query_blocks(cfg: KernelConfig, k0, k1, bq: int, nq: int):
     return lo_b, jnp.maximum(lo_b, hi_b)
 
 
+def _meet(q_segments, k_segments):
+    """Whether a query block's and a key block's segment ids can hold an equal pair (their
+    ranges overlap): blocks whose ids cannot meet are skipped, as the chunked engine does."""
+    return (q_segments.min() <= k_segments.max()) & (k_segments.min() <= q_segments.max())
+
+
+def _when_segments_meet(body, meet):
+    """``body(j, carry)``, skipped (carry unchanged) where ``meet(j)`` is False; ``body`` itself
+    when there are no segment ids (``meet`` None)."""
+    if meet is None:
+        return body
+    return lambda j, carry: lax.cond(meet(j), lambda c: body(j, c), lambda c: c, carry)
+
+
 def _within_lengths(ints: dict, lo, hi, q0, bk: int):
     """Key blocks ``[lo, hi)`` cut to the row's key length, none for a query block past its query
     length: the dynamic part of block skipping (lengths are per batch row, known in the kernel)."""
@@ -199,6 +213,13 @@ def _bias_rows(int_refs, j, bk: int, wide: bool):
         return None
     ref = int_refs["bias"]
     return ref[:, pl.ds(j * bk, bk)] if wide else ref[...]
+
+
+def _key_meet(ints: dict, int_refs, bk: int):
+    """``meet(j)`` for the key blocks of a query block's program (None without segment ids)."""
+    if "q_segments" not in ints:
+        return None
+    return lambda j: _meet(ints["q_segments"], int_refs["kv_segments"][pl.ds(j * bk, bk)])
 
 
 def _row_ints(int_refs, b) -> dict:
@@ -251,7 +272,7 @@ def _forward_kernel(cfg, mods, names, bq, bk, nk, bias_wide, *refs):
         jnp.zeros((bq,), cdt),
         jnp.zeros((bq, v_ref.shape[-1]), cdt),
     )
-    m, l, acc = lax.fori_loop(lo, hi, body, init)
+    m, l, acc = lax.fori_loop(lo, hi, _when_segments_meet(body, _key_meet(ints, int_refs, bk)), init)
     kept = l > 0
     o_ref[...] = jnp.where(kept[:, None], acc / jnp.where(kept, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(kept, m + jnp.log(jnp.where(kept, l, 1.0)), jnp.finfo(cdt).min).astype(cdt)
@@ -313,6 +334,7 @@ def _dq_kernel(cfg, mods, names, bq, bk, nk, bias_shape, *refs):
 
     lo, hi = _within_lengths(ints, *_key_blocks(cfg, i * bq, (i + 1) * bq, bk, nk), i * bq, bk)
     d_col = jnp.zeros((bq if tall else 1, 1), cdt)
+    body = _when_segments_meet(body, _key_meet(ints, int_refs, bk))
     dq, d_col = lax.fori_loop(lo, hi, body, (jnp.zeros(q.shape, cdt), d_col))
     dq_ref[...] = dq.astype(dq_ref.dtype)
     if dbias_ref is not None and not wide:
@@ -362,7 +384,10 @@ def _dkv_kernel(cfg, mods, names, bq, bk, nq, groups, bias_shape, *refs):
             ds, _ = _raw_grad(cfg, mods, run, s_raw, p * (dp - delta[:, None]), bias)
             return dk + _dot(ds.T, q, cdt) * cfg.scale, dv
 
-        dk, dv = lax.fori_loop(lo, hi, body, (dk, dv))
+        meet = None
+        if "q_segments" in int_refs:
+            meet = lambda i: _meet(int_refs["q_segments"][pl.ds(i * bq, bq)], ints["kv_segments"])  # noqa: E731
+        dk, dv = lax.fori_loop(lo, hi, _when_segments_meet(body, meet), (dk, dv))
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
