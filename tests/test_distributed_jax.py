@@ -32,6 +32,10 @@ SHARD_MAP_CASES = [
     for causal in (False, True)
     for vma in (False, True)
 ] + [("shard_map-causal-contiguous-vma=True-float32", True, "contiguous", True, "float32")]
+SHARD_MAP_CASES = [(*c, "ring") for c in SHARD_MAP_CASES] + [
+    ("shard_map-causal-zigzag-vma=True-allgather", True, "zigzag", True, "float64", "allgather"),
+    ("shard_map-full-contiguous-vma=True-allgather", False, "contiguous", True, "float64", "allgather"),
+]
 TOL_FLOAT32 = 1e-4
 
 SCRIPT = textwrap.dedent(
@@ -81,9 +85,9 @@ SCRIPT = textwrap.dedent(
     # arrays go in (and come out) in the layout's order; compare in natural order.
     spec = P(None, "seq")
     put = lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
-    for name, causal, layout, vma, dtype in SHARD_MAP_CASES:
+    for name, causal, layout, vma, dtype, variant in SHARD_MAP_CASES:
         local = lambda q, k, v: ring_attention(
-            q, k, v, axis_name="seq", is_causal=causal, layout=layout,
+            q, k, v, axis_name="seq", is_causal=causal, layout=layout, variant=variant,
             query_chunk_size=8, key_chunk_size=8)
         sm = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=vma)
         to = (lambda x: to_zigzag(x, W)) if layout == "zigzag" else (lambda x: x)
