@@ -127,6 +127,14 @@ def paged_key_shapes(q_shape, k_shape, v_shape, table_shape, table_dtype: str):
     return (*batch, keys, *k_shape[2:]), (*batch, keys, *v_shape[2:])
 
 
+def check_page_range(low: int, high: int, pages: int) -> None:
+    """The page indices of a ``block_table`` (its min and max) must address the pools' ``pages``."""
+    if low < 0 or high >= pages:
+        raise AttentionInputError(
+            f"block_table holds page indices from {low} to {high}, but the pools have {pages} pages"
+        )
+
+
 def mask_fill_value(mask_fill: str, finfo_min: float) -> float:
     """The score a dense mask gives a masked pair: ``finfo_min`` of the compute dtype under the
     seed's rule ``"min"`` (the key stays in the softmax with weight 0 unless its whole row is

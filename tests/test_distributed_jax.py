@@ -129,9 +129,9 @@ def test_layout_validation():
     from memory_efficient_attention.distributed._plan import check_layout
 
     with pytest.raises(AttentionInputError, match="layout must be one of"):
-        check_layout("ring", is_causal=False, q_len=4, kv_len=4, world=2)
+        check_layout("ring", q_len=4, kv_len=4, world=2)
     with pytest.raises(AttentionInputError, match="even"):
-        check_layout("zigzag", is_causal=True, q_len=5, kv_len=5, world=2)
+        check_layout("zigzag", q_len=5, kv_len=5, world=2)
 
 
 def test_schedule_skips_what_the_mask_leaves_empty():

@@ -30,6 +30,7 @@ Example: causal attention over 2 devices holding 4 positions each::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,12 +54,10 @@ __all__ = [
 LAYOUTS = ("contiguous", "zigzag")
 
 
-def check_layout(layout: str, *, is_causal: bool, q_len: int, kv_len: int, world: int) -> None:
+def check_layout(layout: str, *, q_len: int, kv_len: int, world: int) -> None:
     """Validate a ring call on plain ints: the layout's name, and the local lengths it needs."""
     if layout not in LAYOUTS:
         raise AttentionInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if not isinstance(is_causal, bool):
-        raise AttentionInputError(f"is_causal must be a bool, got {is_causal!r}")
     if world < 1:
         raise AttentionInputError(f"the ring needs at least one device, got {world}")
     if layout == "zigzag" and (q_len % 2 or kv_len % 2):
@@ -198,6 +197,7 @@ class RingSchedule:
     kv_starts: tuple[tuple[int, ...], ...]
 
     @classmethod
+    @functools.lru_cache(maxsize=64)  # a ring runs the same plan call after call
     def build(cls, mask: RingMask, layout: str, world: int, q_len: int, kv_len: int) -> RingSchedule:
         """The schedule of ``world`` devices with local lengths ``q_len``/``kv_len``.
 
@@ -227,6 +227,7 @@ class RingSchedule:
         return self.branches[self.table[rank][source]]
 
 
+@functools.lru_cache(maxsize=256)  # each ring step of each call asks again; configs cache their plans
 def block_config(dims, dtype: str, blk: PieceBlock, options, *, device: str):
     """The kernel configuration of one block: the local shapes with the block's lengths, the
     call's options (scale, chunk sizes, soft cap) and the block's structured mask."""
@@ -367,7 +368,7 @@ def ring_plan(dims, dtype: str, *, world: int, layout: str, variant: str, **keyw
     options, arrays, rest = split_arguments(keywords)
     if rest:
         raise TypeError(f"ring_attention got unexpected keyword arguments {sorted(rest)}")
-    check_layout(layout, is_causal=options.is_causal, q_len=dims.q_len, kv_len=dims.kv_len, world=world)
+    check_layout(layout, q_len=dims.q_len, kv_len=dims.kv_len, world=world)  # (CallOptions: is_causal)
     shapes = arrays.shapes()
     make_config(dims, dtype, options, "cpu", shapes)  # the arrays' shapes against the local ones
     mask = RingMask(

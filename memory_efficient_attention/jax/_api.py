@@ -25,6 +25,7 @@ from .._spec import (
     Dims,
     additive_mask_error,
     check_float_dtypes,
+    check_page_range,
     check_sinks,
     describe,
     operand_shape,
@@ -426,12 +427,7 @@ def _gather_pages(query, key, value, block_table):
     pages = jnp.asarray(block_table)
     k_shape, v_shape = paged_key_shapes(query.shape, key.shape, value.shape, pages.shape, _dtype_name(pages))
     if not isinstance(pages, jax.core.Tracer) and pages.size:
-        low, high = int(pages.min()), int(pages.max())
-        if low < 0 or high >= key.shape[0]:
-            raise AttentionInputError(
-                f"block_table holds page indices from {low} to {high}, but the pools have "
-                f"{key.shape[0]} pages"
-            )
+        check_page_range(int(pages.min()), int(pages.max()), key.shape[0])
     return key[pages].reshape(k_shape), value[pages].reshape(v_shape)
 
 

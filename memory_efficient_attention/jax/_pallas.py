@@ -292,7 +292,7 @@ def _raw_grad(cfg, mods, run, s_raw, ds, bias=None):
     """The gradients of the raw scores (before soft cap, bias and ``score_mod``) and of the bias
     block (None without one)."""
     if mods.score_mod is None:  # the bias's gradient is the scores' own
-        d_raw = ds if cfg.softcap is None else jax.vjp(lambda x: run(x), s_raw)[1](ds)[0]
+        d_raw = ds if cfg.softcap is None else jax.vjp(run, s_raw)[1](ds)[0]
         return d_raw, (None if bias is None else ds)
     if bias is None:
         return jax.vjp(run, s_raw)[1](ds)[0], None
@@ -448,8 +448,8 @@ def _int_inputs(ints: dict, lay: _Layout, *, keys_blocked: bool, rows_blocked: b
         names.append("bias")
         zb, hb, lb, sb = bias.shape
         tall, wide = lb > 1, sb > 1
-        arrays.append(_pad(_pad(bias, 2, lay.lp) if tall else bias, 3, lay.sp) if wide else
-                      (_pad(bias, 2, lay.lp) if tall else bias))  # fmt: skip
+        padded = _pad(bias, 2, lay.lp) if tall else bias
+        arrays.append(_pad(padded, 3, lay.sp) if wide else padded)
         if rows_blocked:  # program (b, h, query block i): its rows, every key
             block = (None, None, lay.bq if tall else 1, lay.sp if wide else 1)
             specs.append(pl.BlockSpec(

@@ -20,6 +20,7 @@ from .._spec import (
     Dims,
     additive_mask_error,
     check_float_dtypes,
+    check_page_range,
     check_sinks,
     describe,
     heads_first_dims,
@@ -202,11 +203,8 @@ def _gather_pages(query, key, value, block_table):
         query.shape, key.shape, value.shape, block_table.shape, _dtype_name(block_table)
     )
     pages = block_table.to(device=key.device, dtype=torch.long)
-    if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= key.shape[0]):
-        raise AttentionInputError(
-            f"block_table holds page indices from {int(pages.min())} to {int(pages.max())}, but the "
-            f"pools have {key.shape[0]} pages"
-        )
+    if pages.numel():
+        check_page_range(int(pages.min()), int(pages.max()), key.shape[0])
     return key[pages].reshape(k_shape), value[pages].reshape(v_shape)
 
 
