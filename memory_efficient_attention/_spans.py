@@ -81,8 +81,8 @@ def fused_refusal(
     ...               device="cpu")
     'a logits soft cap'
     """
-    if device != "cpu":
-        return f"arrays on {device} (the fused engine runs on CPU)"
+    if device not in ("cpu", "cuda"):
+        return f"arrays on {device} (the fused engine runs on CPU and CUDA)"
     if dims.qk_depth != dims.v_depth:
         return f"a value depth E={dims.v_depth} different from the key depth D={dims.qk_depth}"
     if softcap is not None:

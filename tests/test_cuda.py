@@ -27,14 +27,20 @@ TOL = {torch.float32: 2e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("is_causal", [False, True, "mask"])
 @pytest.mark.parametrize("shape", [(2, 8, 1000, 64), (1, 4, 4096, 128)])
 def test_torch_dropin_on_cuda_matches_sdpa(dtype, is_causal, shape):
+    """The drop-in (the fused engine: FlashAttention-2 spans, the memory-efficient kernel for a
+    boolean mask and float32) against torch's own SDPA."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
-    out = scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    kw = dict(is_causal=is_causal) if is_causal != "mask" else {}
+    if is_causal == "mask":  # excludes ~20% of the keys, never a whole row
+        mask = torch.rand(shape[-2], shape[-2], device="cuda") > 0.2
+        kw["attn_mask"] = mask | torch.eye(shape[-2], dtype=torch.bool, device="cuda")
+    out = scaled_dot_product_attention(q, k, v, **kw)
     grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    ref = F.scaled_dot_product_attention(q, k, v, **kw)
     ref_grads = torch.autograd.grad(ref.float().square().sum(), (q, k, v))
     assert out.device.type == "cuda" and out.dtype == dtype
     tol = TOL[dtype]
@@ -80,3 +86,79 @@ def test_jax_on_gpu_matches_jax_nn():
     ref = jax.jit(jax.value_and_grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-2, rtol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------
+# The fused engine on CUDA: torch's FlashAttention-2 and memory-efficient kernels per span
+# ------------------------------------------------------------------------------------------
+
+FUSED_CASES = {
+    "plain": dict(),
+    "causal": dict(is_causal=True),
+    "bottom_right": dict(is_causal=True, causal_alignment="bottom_right"),
+    "window": dict(local_window_size=(64, 16)),
+    "lengths": dict(key_value_seq_lengths=[500, 123]),
+    "segments": dict(segments=True),
+    "bias": dict(bias=True),
+}
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_fused_cuda_kernels_pass_their_check(dtype):
+    from memory_efficient_attention.torch import _span_kernels
+
+    assert _span_kernels.broken("cuda", dtype, 64) is None
+    names = [k.name for k in _span_kernels.kernels_for("cuda", dtype, 64)]
+    want = ["memory-efficient CUDA kernel"]
+    if dtype != torch.float32:
+        want = ["FlashAttention-2 CUDA kernel", *want]
+    assert names == want
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "dtype, lengths",
+    [(torch.float32, (300, 500)), (torch.bfloat16, (300, 500)), (torch.bfloat16, (2100, 2100))],
+    ids=["float32-300x500", "bfloat16-300x500", "bfloat16-2100"],
+)
+@pytest.mark.parametrize("name", list(FUSED_CASES))
+def test_fused_engine_on_cuda_matches_float64_reference(dtype, name, lengths):
+    """Outputs and q/k/v gradients (GQA 4:1) against the float64 reference; the long case
+    cuts the call into several spans (1024 query rows) where a mask needs them."""
+    from memory_efficient_attention.torch import explain
+
+    from .cases import assert_close
+    from .reference import reference_grads
+
+    L, S = lengths
+    gen = torch.Generator().manual_seed(L + len(name))
+    host = [torch.randn(2, n, h, 64, generator=gen) for n, h in ((L, 8), (S, 2), (S, 2))]
+    q, k, v = (x.to("cuda", dtype).requires_grad_() for x in host)
+    kwargs = dict(FUSED_CASES[name])
+    ref_kwargs = {}
+    if kwargs.pop("segments", False):
+        qs, ks = torch.arange(L).repeat(2, 1) * 3 // L, torch.arange(S).repeat(2, 1) * 3 // S
+        kwargs.update(query_segment_ids=qs.cuda(), key_segment_ids=ks.cuda())
+        ref_kwargs.update(query_segment_ids=qs.numpy(), key_segment_ids=ks.numpy())
+    if "key_value_seq_lengths" in kwargs:
+        lens = torch.tensor([min(x, S) for x in kwargs.pop("key_value_seq_lengths")])
+        kwargs["key_value_seq_lengths"] = lens.cuda()
+        ref_kwargs["key_value_seq_lengths"] = lens.numpy()
+    if kwargs.pop("bias", False):
+        bias = torch.randn(1, 8, L, S, generator=gen)
+        kwargs["bias"] = bias.to("cuda", dtype)
+        ref_kwargs["bias"] = kwargs["bias"].double().cpu().numpy()
+    ref_kwargs.update({n: x for n, x in kwargs.items() if not torch.is_tensor(x)})
+    text = explain(q, k, v, engine="fused", **kwargs)
+    assert text.startswith("engine: fused (torch's"), text
+    assert explain(q, k, v, **kwargs).startswith("engine: fused"), "auto takes fused on CUDA"
+    out = efficient_dot_product_attention(q, k, v, engine="fused", **kwargs)
+    d_out = torch.randn(out.shape, generator=gen).to("cuda", dtype)
+    grads = torch.autograd.grad(out, (q, k, v), d_out)
+    numpy = [x.detach().double().cpu().numpy() for x in (q, k, v, d_out)]
+    ref_out, ref_grads = reference_grads(*numpy, **ref_kwargs)
+    dt = str(dtype).removeprefix("torch.")
+    assert_close(out.detach().cpu().float().numpy(), ref_out, dt, "output")
+    for g, n in zip(grads, ("query", "key", "value")):
+        assert_close(g.cpu().float().numpy(), ref_grads[n], dt, f"d{n}", factor=4.0)

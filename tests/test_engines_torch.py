@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import types
 import warnings
 
 import numpy as np
@@ -17,11 +18,12 @@ torch = pytest.importorskip("torch")
 from memory_efficient_attention._masks import FULL, PARTIAL, StructuredMask  # noqa: E402
 from memory_efficient_attention._spans import DIAGONAL, SpanPlan  # noqa: E402
 from memory_efficient_attention._spec import AttentionInputError  # noqa: E402
-from memory_efficient_attention.torch import _engines, _fused, explain  # noqa: E402
+from memory_efficient_attention.torch import _engines, _fused, _span_kernels, explain  # noqa: E402
 from memory_efficient_attention.torch import efficient_dot_product_attention as attention  # noqa: E402
 from memory_efficient_attention.torch import kernel as torch_kernel  # noqa: E402
 
 from .cases import ALL_CASES, assert_close, chunk_kwargs, empty_rows, reference_for  # noqa: E402
+from .cuda_fakes import FakeCudaOps  # noqa: E402
 from .reference import reference_attention, reference_grads, structured_keep  # noqa: E402
 from .test_torch import run_case, tensor, torch_kwargs  # noqa: E402
 
@@ -53,6 +55,10 @@ def test_grid_on_each_engine(case, engine):
     x, ref_out, _, ref_grads = reference_for(case)
     if engine == "fused":
         assert _explained(case, x, engine="fused").startswith("engine: fused")
+    _run_grid_case(case, x, ref_out, ref_grads, engine)
+
+
+def _run_grid_case(case, x, ref_out, ref_grads, engine):
     out, grads = run_case(case, x, engine=engine)
     assert_close(out, ref_out, case.dtype, "output")
     for name, ref in ref_grads.items():
@@ -290,22 +296,152 @@ def test_second_derivatives_and_forward_mode_after_a_fused_forward():
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
-def test_missing_fused_kernel_falls_back_once_with_a_warning(monkeypatch):
-    monkeypatch.setattr(_fused, "unavailable", lambda: "torch 9.9 has no aten.test_op")
+@pytest.fixture
+def fresh_checks(monkeypatch):
+    """Kernel checks and warnings from scratch, and again after the test."""
+    _span_kernels._check.cache_clear()
     monkeypatch.setattr(_engines, "_warned", set())
+    yield
+    _span_kernels._check.cache_clear()
+
+
+def test_missing_fused_kernel_falls_back_once_with_a_warning(monkeypatch, fresh_checks):
+    monkeypatch.setattr(_span_kernels, "OPS", types.SimpleNamespace())  # a torch without the op
     q = torch.randn(1, 12, 2, 8)
-    with pytest.warns(UserWarning, match="has no aten.test_op: memory_efficient_attention uses its chunked"):
+    with pytest.warns(UserWarning, match="has no aten._scaled_dot_product_flash_attention_for_cpu: "
+                      "memory_efficient_attention uses its chunked"):  # fmt: skip
         out = attention(q, q, q)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attention(q, q, q)  # said once
     torch.testing.assert_close(out, attention(q, q, q, engine="chunked"))
-    with pytest.raises(AttentionInputError, match="test_op"):
+    with pytest.raises(AttentionInputError, match="_for_cpu"):
         attention(q, q, q, engine="fused")
 
 
-def test_the_fused_kernel_check_passes_on_this_torch():
-    assert _fused.unavailable() is None
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_fused_kernel_check_passes_on_this_torch(dtype):
+    assert _span_kernels.broken("cpu", dtype, 8) is None
+    assert [k.name for k in _span_kernels.kernels_for("cpu", dtype, 8)] == ["flash-attention CPU kernel"]
+
+
+# ------------------------------------------------------------------------------------------
+# The CUDA kernels' plumbing, on CPU (stand-ins following the CUDA operators' contracts)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch, fresh_checks):
+    """CPU arrays take the CUDA kernels, whose operators are ``cuda_fakes.FakeCudaOps``
+    (float64 admitted everywhere, any depth, so the float64 reference applies)."""
+    ops = FakeCudaOps()
+    monkeypatch.setattr(_span_kernels, "OPS", ops)
+    kernels = []
+    for kind in (_span_kernels.CudaFlash, _span_kernels.CudaEfficient):
+        kern = kind()
+        kern.dtypes = (*kern.dtypes, torch.float64)
+        kern.depth_multiple = 1
+        kernels.append(kern)
+    monkeypatch.setitem(_span_kernels.KERNELS, "cpu", tuple(kernels))
+    assert len(_span_kernels.kernels_for("cpu", torch.float64, 8)) == 2  # their checks, done
+    ops.calls.clear()
+    return ops
+
+
+def test_cuda_kernels_pass_their_check_on_the_stand_ins(fake_cuda):
+    assert _span_kernels.broken("cpu", torch.float64, 8) is None
+    names = [k.name for k in _span_kernels.kernels_for("cpu", torch.float64, 8)]
+    assert names == ["FlashAttention-2 CUDA kernel", "memory-efficient CUDA kernel"]
+    text = explain(*_qkv(L=30, S=30), is_causal=True, causal_alignment="bottom_right")
+    assert text.startswith("engine: fused (torch's FlashAttention-2 CUDA kernel per span without a mask, "
+                           "memory-efficient CUDA kernel with one")  # fmt: skip
+
+
+@pytest.mark.parametrize("case", [c for c in ALL_CASES if fused_eligible(c)], ids=lambda c: c.id)
+def test_grid_on_the_cuda_kernels(case, fake_cuda):
+    x, ref_out, _, ref_grads = reference_for(case)
+    _run_grid_case(case, x, ref_out, ref_grads, "fused")
+    assert fake_cuda.calls, "the CUDA operators ran"
+
+
+def test_cuda_kernels_take_the_spans_they_can(fake_cuda, monkeypatch):
+    """Full and square causal spans go to FlashAttention-2; masked spans and a causal span with
+    more rows than keys (top-left) go to the memory-efficient kernel; GQA is repeated there."""
+    q, k, v = _qkv(L=40, S=30)  # 4 query heads on 2 key/value heads
+    _check_against_reference(q, k, v, is_causal=True, ref_kwargs=dict(is_causal=True), engine="fused")
+    assert {c[:4] for c in fake_cuda.calls} == {("efficient", 40, 30, True)}  # forward and none else
+    fake_cuda.calls.clear()
+    q, k, v = _qkv(L=30, S=50)
+    kw = dict(is_causal=True, causal_alignment="bottom_right")
+    _check_against_reference(q, k, v, ref_kwargs=kw, engine="fused", **kw)
+    assert fake_cuda.calls == [("flash", 30, 20, False, False), ("flash", 30, 30, True, False)]
+    fake_cuda.calls.clear()
+    monkeypatch.setattr(_fused, "SPAN_Q", 16)
+    monkeypatch.setattr(_fused, "MASK_ELEMENTS", 1)
+    kw = dict(local_window_size=(9, 4), key_value_seq_lengths=torch.tensor([50, 17]))
+    ref = dict(local_window_size=(9, 4), key_value_seq_lengths=np.array([50, 17]))
+    _check_against_reference(q, k, v, ref_kwargs=ref, engine="fused", **kw)
+    assert {c[0] for c in fake_cuda.calls} == {"efficient"} and all(c[4] for c in fake_cuda.calls)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(is_causal=True), dict(local_window_size=(9, 4)), dict(segments=True)],
+    ids=lambda kw: "-".join(kw),
+)
+def test_many_spans_on_the_cuda_kernels(fake_cuda, monkeypatch, kwargs):
+    test_many_spans_merged_by_lse(monkeypatch, kwargs, (70, 90))
+    want = {"is_causal": {"flash"}, "local_window_size": {"flash", "efficient"}, "segments": {"efficient"}}
+    assert {c[0] for c in fake_cuda.calls} == want[next(iter(kwargs))]
+
+
+def test_cuda_lse_gradient_and_bias_on_the_cuda_kernels(fake_cuda):
+    q, k, v = _qkv()
+    bias = torch.randn(2, 4, 70, 90, dtype=torch.float64)
+    _check_against_reference(q, k, v, bias=bias, ref_kwargs=dict(bias=bias.numpy()), engine="fused")
+    out, lse = attention(q, k, v, is_causal=True, return_lse=True, engine="fused")
+    got = torch.autograd.grad(out.sum() + lse.square().sum(), (q, k, v))
+    out, lse = attention(q, k, v, is_causal=True, return_lse=True, engine="chunked")
+    for a, b in zip(got, torch.autograd.grad(out.sum() + lse.square().sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_a_wrong_flash_kernel_leaves_its_spans_to_the_efficient_one(fake_cuda):
+    fake_cuda.broken = "flash"
+    _span_kernels._check.cache_clear()
+    flash = _span_kernels.KERNELS["cpu"][0]
+    assert "gave unexpected lse" in _span_kernels._check(flash, "cpu", torch.float64)
+    q, k, v = _qkv(L=30, S=30)
+    _check_against_reference(q, k, v, ref_kwargs={}, engine="fused")
+    assert {c[0] for c in fake_cuda.calls if c[1] == 30 and c[2] == 30} == {"efficient"}
+
+
+def test_a_wrong_efficient_kernel_sends_calls_to_the_chunked_engine(fake_cuda):
+    fake_cuda.broken = "efficient"
+    _span_kernels._check.cache_clear()
+    q, k, v = _qkv(L=30, S=30)
+    with pytest.warns(UserWarning, match="efficient_attention gave unexpected lse: memory_efficient_at"):
+        out = attention(q, k, v)
+    assert explain(q, k, v).startswith("engine: chunked (not fused: torch")
+    torch.testing.assert_close(out, attention(q, k, v, engine="chunked"))
+
+
+def test_what_the_fused_engine_takes_per_device():
+    from memory_efficient_attention._spans import fused_refusal
+    from memory_efficient_attention._spec import Dims
+
+    dims = Dims((1,), 10, 10, 2, 2, 8, 8)
+    base = dict(dims=dims, softcap=None, dropout=0.0, callables=False, dense_mask_fill=None)
+    assert fused_refusal(device="cuda", **base) is None
+    assert "runs on CPU and CUDA" in fused_refusal(device="mps", **base)
+    no_fit = _span_kernels.no_fit
+    assert no_fit("cuda", torch.float16, 64) is None and no_fit("cuda", torch.float32, 256) is None
+    assert "float64 arrays" in no_fit("cuda", torch.float64, 64)
+    assert "depth a multiple of 8" in no_fit("cuda", torch.bfloat16, 12)
+    assert no_fit("cpu", torch.float64, 12) is None
+    flash, efficient = _span_kernels.KERNELS["cuda"]
+    assert flash.fits(torch.float16, 256) and not flash.fits(torch.float16, 264)
+    assert not flash.fits(torch.float32, 64) and efficient.fits(torch.float32, 264)
 
 
 # ------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ the backward reading the *global* ``out`` and statistics (``_kernel.log_sum_exp`
 the natural-log lse). Engines (see ``_spans``):
 
 * ``chunked`` (``_kernel``): everything; the universal fallback.
-* ``fused`` (``_fused``): torch's fused CPU flash kernel per span; plain scores, structured
+* ``fused`` (``_fused``): torch's fused kernels per span (``_span_kernels``: the flash CPU
+  kernel; on CUDA FlashAttention-2 and the memory-efficient kernel); plain scores, structured
   masks, a dense boolean mask that excludes keys, a bias without gradient.
 
 ``engine="auto"`` (the default) takes ``fused`` where ``fused_refusal`` has no objection and
@@ -26,7 +27,7 @@ import torch
 from .._config import KernelConfig
 from .._spans import fused_refusal, fused_slower
 from .._spec import AttentionInputError
-from . import _fused
+from . import _fused, _span_kernels
 from ._kernel import (
     Mods,
     _is_plain,
@@ -51,8 +52,11 @@ def fused_refusal_of(cfg: KernelConfig, mods: Mods, ops) -> str | None:
         dense_mask_fill=cfg.mask_fill if ops.mask is not None else None,
         device=ops.q.device.type,
     )
-    if reason is None and ops.q.device.type == "cpu":
-        reason = _fused.unavailable()
+    device, dtype, depth = ops.q.device.type, ops.q.dtype, cfg.dims.qk_depth
+    if reason is None:
+        reason = _span_kernels.no_fit(device, dtype, depth)
+    if reason is None:
+        reason = _span_kernels.broken(device, dtype, depth)
         if reason is not None and reason not in _warned:
             _warned.add(reason)
             warnings.warn(f"{reason}: memory_efficient_attention uses its chunked engine", stacklevel=4)
@@ -78,7 +82,8 @@ def choose(cfg: KernelConfig, mods: Mods, ops) -> tuple[str, str | None]:
             f"engine='fused' cannot run this call: it has {reason}; pass engine='auto' (chooses "
             "per call) or engine='chunked'"
         )
-    if reason is None and cfg.engine == "auto":
+    if reason is None and cfg.engine == "auto" and ops.q.device.type == "cpu":
+        # (measured on CPU; on CUDA the chunked engine's many small kernels cannot compete)
         reason = fused_slower(cfg.structure) or _strided_decoding(cfg, ops)
     return ("fused" if reason is None else "chunked"), reason
 
@@ -174,7 +179,11 @@ def explain(cfg: KernelConfig, mods: Mods, ops) -> str:
     """The engine a call runs on and its plan, as text."""
     engine, reason = choose(cfg, mods, ops)
     if engine == "fused":
-        head = "engine: fused (torch's flash-attention CPU kernel per span, merged by lse)"
+        plain, masked = _fused._kernels(ops)
+        kernels = f"{plain.name} per span"
+        if plain is not masked:
+            kernels += f" without a mask, {masked.name} with one"
+        head = f"engine: fused (torch's {kernels}, merged by lse)"
         return f"{head}\n{_fused.span_plan(cfg, ops)}"
     why = f" (not fused: {reason})" if reason else ""
     return f"engine: chunked{why}\n{cfg.plan}"

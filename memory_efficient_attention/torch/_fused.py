@@ -1,12 +1,12 @@
-"""The fused CPU engine: torch's own flash-attention CPU kernel, one call per span.
+"""The fused engine: torch's own fused attention kernels, one call per span.
 
-``torch.ops.aten._scaled_dot_product_flash_attention_for_cpu`` (the kernel behind CPU SDPA:
-blocked over batch x heads x query blocks, scale/mask/max/exp/sum fused, O(n) memory) returns
-``(out, lse)``; its backward takes the *global* ``out`` and ``lse`` and gives a span's share of
-dQ/dK/dV. The spans of ``_spans.SpanPlan`` are computed by one call each and merged by their
-lse (``_spec.lse_merge_weights``); a partial span gets an additive mask (0 / -inf, plus a bias)
-of its own size. Grouped-query attention runs without repeating K/V (the kernel maps query head
-``h`` to key/value head ``h // G``).
+Each span of ``_spans.SpanPlan`` is computed by one library kernel that returns ``(out, lse)``
+(``_span_kernels``: the flash CPU kernel behind CPU SDPA; on CUDA FlashAttention-2 for spans
+without a mask and the memory-efficient kernel for spans with one, or in float32); the spans are
+merged by their lse (``_spec.lse_merge_weights``). A partial span gets an additive mask (0 /
+-inf, plus a bias) of its own size, O(span). The kernels' backward takes the *global* ``out`` and
+``lse`` and gives a span's share of dQ/dK/dV. Grouped-query attention runs without repeating K/V
+where the kernel maps query head ``h`` to key/value head ``h // G`` itself.
 
 Layouts (legend: ``_spec``)::
 
@@ -20,42 +20,31 @@ forward's too.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .._config import KernelConfig
 from .._masks import FULL, Tile
 from .._spans import DIAGONAL, MASK_ELEMENTS, SpanPlan
 from .._spec import lse_merge_weights
+from ._span_kernels import SpanKernel, kernels_for
 
 _NEG_INF = float("-inf")
-_OP_NAME = "_scaled_dot_product_flash_attention_for_cpu"
 SPAN_Q = 1024  # query rows of a span where a mask or a window needs spans
 
 
-@functools.cache
-def unavailable() -> str | None:
-    """Why torch's fused CPU kernel cannot be used in this torch (None: it can): missing, or its
-    signature or results differ from what this engine was written against (checked once on a
-    tiny input against the dense formula)."""
-    fwd = getattr(torch.ops.aten, _OP_NAME, None)
-    bwd = getattr(torch.ops.aten, _OP_NAME + "_backward", None)
-    if fwd is None or bwd is None:
-        return f"torch {torch.__version__} has no aten.{_OP_NAME}"
-    try:
-        gen = torch.Generator().manual_seed(0)
-        q, k, v = torch.randn(3, 1, 1, 3, 4, generator=gen, dtype=torch.float64).unbind(0)
-        q = q.repeat(1, 2, 1, 1)  # two query heads on one key/value head
-        out, lse = fwd(q, k, v, 0.0, True, attn_mask=None, scale=0.5)
-        mask = torch.ones(3, 3, dtype=torch.bool).tril()
-        s = (q @ k.transpose(-1, -2) * 0.5).masked_fill(~mask, _NEG_INF)
-        ok = torch.allclose(out, s.softmax(-1) @ v) and torch.allclose(lse, s.logsumexp(-1))
-        grads = bwd(torch.ones_like(out), q, k, v, out, lse, 0.0, True, attn_mask=None, scale=0.5)
-        ok = ok and [tuple(g.shape) for g in grads] == [tuple(q.shape), tuple(k.shape), tuple(v.shape)]
-    except Exception as err:  # a changed signature or a refused input
-        return f"torch {torch.__version__}'s aten.{_OP_NAME} does not behave as expected ({err})"
-    return None if ok else f"torch {torch.__version__}'s aten.{_OP_NAME} gave unexpected results"
+def _kernels(ops) -> tuple[SpanKernel, SpanKernel]:
+    """``(kernel for spans without a mask, kernel for spans with one)`` for this call's arrays
+    (``_engines`` has checked that a kernel that takes a mask is usable)."""
+    usable = kernels_for(ops.q.device.type, ops.q.dtype, ops.q.shape[-1])
+    return usable[0], next(kern for kern in usable if kern.takes_mask)
+
+
+def _kernel_of(span, add, plain: SpanKernel, masked: SpanKernel) -> SpanKernel:
+    """The kernel of one span: the plain one unless the span has a mask (or is a causal span
+    with fewer keys than rows, which the plain kernel may align differently)."""
+    q0, q1, k0, k1, kind = span
+    uneven = kind == DIAGONAL and plain.square_causal_only and q1 - q0 != k1 - k0
+    return masked if add is not None or uneven else plain
 
 
 def span_plan(cfg: KernelConfig, ops) -> SpanPlan:
@@ -123,14 +112,14 @@ def _to_heads(x5: torch.Tensor, dims) -> torch.Tensor:
 def fused_forward(cfg: KernelConfig, mods, ops):
     """``out [Z, K, L, G, E]`` (input dtype) and the natural-log ``lse [Z, K, L, G]`` (compute
     dtype; ``-inf`` for a row with no key)."""
-    op = getattr(torch.ops.aten, _OP_NAME)
+    plain, masked = _kernels(ops)
     dims = cfg.dims
     z, kh, g, e = dims.batch_size, dims.kv_heads, dims.groups, dims.v_depth
     cdt = getattr(torch, cfg.compute_dtype)
     q = _heads(ops.q)
     dev = q.device
     plan = span_plan(cfg, ops)
-    mask_dtype = torch.float32 if ops.q.dtype in (torch.float16, torch.bfloat16) else ops.q.dtype
+    mask_dtype = masked.mask_dtype(ops.q.dtype)
     out = lse = None
     if len(plan.rows) > 1 or not plan.rows[0][2]:
         # Output in [Z, L, H, E] memory, seen as [Z, H, L, E]: the seed layout's order.
@@ -144,13 +133,16 @@ def fused_forward(cfg: KernelConfig, mods, ops):
         acc = acc_lse = None
         for span in spans:
             add, rows = _span_mask(cfg, mods, ops, span, mask_dtype)
-            o, l = op(
-                q[:, :, q0:q1], ops.k[:, :, span.k0 : span.k1], ops.v[:, :, span.k0 : span.k1], 0.0,
-                span.kind == DIAGONAL, attn_mask=add, scale=cfg.scale,
+            kern = _kernel_of(span, add, plain, masked)
+            o, l = kern.forward(
+                q[:, :, q0:q1], ops.k[:, :, span.k0 : span.k1], ops.v[:, :, span.k0 : span.k1],
+                span.kind == DIAGONAL, add, cfg.scale,
             )  # fmt: skip
             l = l.to(cdt)
             if rows is not None:  # a row with no key in the span: lse -inf (the kernel says 0)
                 l = l.masked_fill(~rows, _NEG_INF)
+                if not kern.zero_empty_rows:
+                    o = o.masked_fill(~rows.unsqueeze(-1), 0.0)
             if acc is None:
                 acc, acc_lse = o, l
                 continue
@@ -181,7 +173,7 @@ def fused_backward(cfg: KernelConfig, mods, ops, out5, row_max, row_sum, d_out5,
     row term: its backward reads ``out`` only in ``D = rowsum(dO * out)``, and d lse / d s = P
     turns ``D`` into ``D - d_lse``, so ``out - (d_lse / |dO|^2) dO`` is passed for ``out`` (rows
     with ``d_lse != 0`` need ``dO != 0``: ``_engines.backward_engine`` checks)."""
-    bop = getattr(torch.ops.aten, _OP_NAME + "_backward")
+    plain, masked = _kernels(ops)
     dims = cfg.dims
     dt = ops.q.dtype
     cdt = getattr(torch, cfg.compute_dtype)
@@ -198,14 +190,14 @@ def fused_backward(cfg: KernelConfig, mods, ops, out5, row_max, row_sum, d_out5,
         out = (out.to(cdt) - shift.unsqueeze(-1) * d_out.to(cdt)).to(dt)
     plan = span_plan(cfg, ops)
     spans = plan.spans
-    mask_dtype = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+    mask_dtype = masked.mask_dtype(dt)
     dq = dk = dv = None
     for span in spans:
         q0, q1, k0, k1, kind = span
         add, _ = _span_mask(cfg, mods, ops, span, mask_dtype)
-        gq, gk, gv = bop(
+        gq, gk, gv = _kernel_of(span, add, plain, masked).backward(
             d_out[:, :, q0:q1], q[:, :, q0:q1], ops.k[:, :, k0:k1], ops.v[:, :, k0:k1],
-            out[:, :, q0:q1], lse[:, :, q0:q1], 0.0, kind == DIAGONAL, attn_mask=add, scale=cfg.scale,
+            out[:, :, q0:q1], lse[:, :, q0:q1], kind == DIAGONAL, add, cfg.scale,
         )  # fmt: skip
         if len(spans) == 1 and (q0, q1, k0, k1) == (0, dims.q_len, 0, dims.kv_len):
             dq, dk, dv = gq, gk, gv  # one span covers the call: its gradients are the gradients
