@@ -143,7 +143,7 @@ class KernelConfig:
     mask_fill: str = "min"
     softcap: float | None = None
     dropout: float = 0.0
-    engine: str = "auto"  # "auto", "chunked" or "fused" (``_spans``)
+    engine: str = "auto"  # ``_spans.ENGINES``
 
     @cached_property
     def plan(self) -> BlockPlan:

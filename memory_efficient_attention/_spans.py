@@ -41,7 +41,8 @@ from ._spec import AttentionInputError
 
 __all__ = ["DIAGONAL", "ENGINES", "Span", "SpanPlan", "check_engine", "fused_refusal", "fused_slower"]
 
-ENGINES = ("auto", "chunked", "fused", "pallas")  # "fused": torch's kernels; "pallas": JAX's
+# "fused" (torch's fused kernels per span) and "flex" (FlexAttention): PyTorch; "pallas": JAX
+ENGINES = ("auto", "chunked", "fused", "flex", "pallas")
 DIAGONAL = 3
 _NAMES = {FULL: "full", DIAGONAL: "diagonal", PARTIAL: "partial"}
 

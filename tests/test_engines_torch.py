@@ -496,7 +496,7 @@ def test_jax_takes_the_engine_keyword_and_has_no_fused_engine_yet():
     a = jax_attention(q, q, q, engine="auto")
     b = jax_attention(q, q, q, engine="chunked")
     assert np.array_equal(np.asarray(a), np.asarray(b))
-    with pytest.raises(AttentionInputError, match="JAX has no fused engine yet"):
+    with pytest.raises(AttentionInputError, match="engine='fused' is the PyTorch functions'"):
         jax_attention(q, q, q, engine="fused")
     with pytest.raises(AttentionInputError, match="engine must be one of"):
         jax_attention(q, q, q, engine="triton")  # ("pallas" is JAX's Pallas engine: test_pallas)

@@ -6,6 +6,7 @@ allocator memory for B=1, H=8, D=64, causal and not, float16 and bfloat16, n = 4
 * ``ours``: ``efficient_dot_product_attention`` with ``engine="auto"`` (the fused engine:
   FlashAttention-2 spans, the memory-efficient kernel where a span needs a mask);
 * ``ours-chunked``: ``engine="chunked"`` (n <= 16384: it is a loop of small kernels);
+* ``ours-flex``: ``engine="flex"`` (rows with a ``score_mod``: FlexAttention compiled);
 * ``sdpa-flash`` / ``sdpa-efficient`` / ``sdpa-cudnn``: ``F.scaled_dot_product_attention`` with
   one backend forced (``torch.nn.attention.sdpa_kernel``), heads-first inputs;
 * ``flex``: ``torch.compile(flex_attention)`` with a causal ``BlockMask`` (at ``--flex-lengths``,
@@ -92,6 +93,7 @@ def _impls(n: int, causal: bool, score_mod: bool, flex: bool) -> dict:
     kw = dict(is_causal=causal)
     if score_mod:
         impls["ours"] = lambda q, k, v: attention(q, k, v, score_mod=_score_mod, **kw)
+        impls["ours-flex"] = lambda q, k, v: attention(q, k, v, score_mod=_score_mod, engine="flex", **kw)
     else:
         impls["ours"] = lambda q, k, v: attention(q, k, v, **kw)
         if n <= 16384:

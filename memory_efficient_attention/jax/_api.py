@@ -406,10 +406,10 @@ def efficient_dot_product_attention(
         sinks = jnp.asarray(sinks)
         check_sinks(tuple(sinks.shape), _dtype_name(sinks), seed_dims(query.shape, key.shape, value.shape))
         kwargs["sinks"] = sinks
-    if check_engine(engine) == "fused":
+    if check_engine(engine) in ("fused", "flex"):
         raise AttentionInputError(
-            "engine='fused': JAX has no fused engine yet (the PyTorch functions run torch's fused "
-            "CPU kernel); pass engine='auto' or 'chunked' (both run the chunked engine in JAX)"
+            f"engine={engine!r} is the PyTorch functions' (torch's fused kernels, FlexAttention); "
+            "JAX takes engine='auto' or 'chunked' (the chunked engine) or 'pallas'"
         )
     from ..masks import merge_mask_kwargs  # a mask object (masks.Causal, ...) -> the keywords
 

@@ -147,7 +147,10 @@ def _attention(
     if cfg.dropout:
         device = generator.device if generator is not None else q5.device
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
-    out, lse = chunked_attention(cfg, mods, seed, ops)
+    if cfg.engine == "flex":
+        out, lse = engines.flex_attention(cfg, mods, ops)
+    else:
+        out, lse = chunked_attention(cfg, mods, seed, ops)
     return (out, lse) if sinks is None else _with_sinks(out, lse, sinks, dims)
 
 
@@ -281,11 +284,15 @@ def efficient_dot_product_attention(
       return_lse: also return the log-sum-exp of each row, ``[B..., L, H]`` in float32 (float64
         for float64 inputs); ``-inf`` for a row with no key left. It is differentiable.
       memory_budget: bytes or a string like ``"512MB"`` for the automatic chunk sizes.
-      engine: ``"auto"`` (default), ``"fused"`` or ``"chunked"``. On CPU, ``"auto"`` runs torch's
-        fused flash-attention kernel on large spans merged by their lse when the call needs no
-        per-element work of ours (no ``score_mod``, callbacks, soft cap, dropout, bias gradient,
-        seed-rule dense mask, or value depth != key depth), and the chunked engine otherwise;
-        ``"fused"`` raises if it cannot; ``explain(...)`` prints the choice and the plan.
+      engine: ``"auto"`` (default), ``"fused"``, ``"chunked"`` or ``"flex"``. ``"auto"`` runs
+        torch's fused kernels (flash-attention on CPU; FlashAttention-2 and the memory-efficient
+        kernel on CUDA) on large spans merged by their lse when the call needs no per-element
+        work of ours (no ``score_mod``, callbacks, soft cap, dropout, bias gradient, seed-rule
+        dense mask, or value depth != key depth), and the chunked engine otherwise; ``"fused"``
+        raises if it cannot. ``"flex"`` hands the whole call, ``score_mod`` and ``mask_mod``
+        included, to ``torch.nn.attention.flex_attention`` (compiled on CUDA; on CPU forward
+        only; its own autograd: no forward mode or double backward). ``explain(...)`` prints the
+        choice and the plan.
       sinks: ``[H]`` attention-sink logits (gpt-oss, StreamingLLM): one extra logit per head in
         every row's softmax that takes probability mass but has no value; differentiable. With
         ``return_lse`` the lse includes the sink.

@@ -27,7 +27,7 @@ import torch
 from .._config import KernelConfig
 from .._spans import fused_refusal, fused_slower
 from .._spec import AttentionInputError
-from . import _fused, _span_kernels
+from . import _flex, _fused, _span_kernels
 from ._kernel import (
     Mods,
     _is_plain,
@@ -72,8 +72,10 @@ def choose(cfg: KernelConfig, mods: Mods, ops) -> tuple[str, str | None]:
     if cfg.engine == "pallas":
         raise AttentionInputError(
             "engine='pallas' is the JAX functions' Pallas kernel; the PyTorch functions take "
-            "engine='auto', 'fused' or 'chunked'"
+            "engine='auto', 'fused', 'chunked' or 'flex'"
         )
+    if cfg.engine == "flex":  # (whole calls go to flex_attention before any Function)
+        raise AttentionInputError("engine='flex' runs whole calls; the tile interface takes the others")
     if cfg.dims.empty:
         return "chunked", "an empty batch, query or key axis"
     reason = fused_refusal_of(cfg, mods, ops)
@@ -175,8 +177,31 @@ def backward(cfg: KernelConfig, mods: Mods, ops, seed, out, row_max, row_sum, d_
                               need_bias_grad, captured=captured)  # fmt: skip
 
 
+def _flex_refusal(cfg: KernelConfig, mods: Mods, ops) -> str | None:
+    tensors = [ops.q, ops.k, ops.v, ops.bias]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return _flex.refusal(cfg, mods, ops, needs_grad=needs_grad)
+
+
+def flex_attention(cfg: KernelConfig, mods: Mods, ops):
+    """``(out, lse)`` of a call by FlexAttention (``engine="flex"``; see ``_flex``)."""
+    reason = _flex_refusal(cfg, mods, ops)
+    if reason is not None:
+        raise AttentionInputError(
+            f"engine='flex' cannot run this call: it has {reason}; pass engine='auto' or 'chunked'"
+        )
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("forward: flex engine")
+    return _flex.attention(cfg, mods, ops)
+
+
 def explain(cfg: KernelConfig, mods: Mods, ops) -> str:
     """The engine a call runs on and its plan, as text."""
+    if cfg.engine == "flex":
+        reason = _flex_refusal(cfg, mods, ops)
+        if reason is not None:
+            return f"engine: flex cannot run this call ({reason})"
+        return f"engine: flex (torch.nn.attention.flex_attention, one call)\n{_flex.describe(cfg)}"
     engine, reason = choose(cfg, mods, ops)
     if engine == "fused":
         plain, masked = _fused._kernels(ops)
