@@ -63,9 +63,11 @@ class FakeCudaOps:
 
     FLASH_DTYPES = (torch.float16, torch.bfloat16, torch.float64)  # float64 stands in for half
 
-    def __init__(self, broken: str | None = None):
+    def __init__(self, broken: str | None = None, flash_gqa: bool = True):
         self.calls: list[tuple[str, int, int, bool, bool]] = []
+        self.heads: list[tuple[int, int]] = []  # (query heads, key/value heads) of each call
         self.broken = broken  # "flash" or "efficient": that operator returns a wrong lse
+        self.flash_gqa = flash_gqa  # False: the flash operator refuses grouped heads
 
     def _common(self, q, k, v, scale):
         assert q.dim() == k.dim() == v.dim() == 4, "4-D [B, H, L, D] operands"
@@ -78,6 +80,8 @@ class FakeCudaOps:
                                             return_debug_mask=False, *, scale=None):  # fmt: skip
         self._common(q, k, v, scale)
         assert q.dtype in self.FLASH_DTYPES and q.shape[-1] <= 256 and q.shape[1] % k.shape[1] == 0
+        assert self.flash_gqa or q.shape[1] == k.shape[1], "grouped heads"
+        self.heads.append((q.shape[1], k.shape[1]))
         assert dropout_p == 0.0 and return_debug_mask is False
         assert not is_causal or q.shape[2] == k.shape[2], "FA2 aligns non-square causal bottom-right"
         self.calls.append(("flash", q.shape[2], k.shape[2], is_causal, False))
@@ -113,6 +117,7 @@ class FakeCudaOps:
         self._common(q, k, v, scale)
         assert q.shape[1] == k.shape[1], "equal head counts"
         assert compute_log_sumexp is True and dropout_p == 0.0
+        self.heads.append((q.shape[1], k.shape[1]))
         self._check_bias(q, k, attn_bias)
         self.calls.append(("efficient", q.shape[2], k.shape[2], is_causal, attn_bias is not None))
         out, lse, _ = _dense(q, k, v, attn_bias, is_causal, scale)

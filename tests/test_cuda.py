@@ -109,10 +109,11 @@ def test_fused_cuda_kernels_pass_their_check(dtype):
     from memory_efficient_attention.torch import _span_kernels
 
     assert _span_kernels.broken("cuda", dtype, 64) is None
-    names = [k.name for k in _span_kernels.kernels_for("cuda", dtype, 64)]
-    want = ["memory-efficient CUDA kernel"]
-    if dtype != torch.float32:
-        want = ["FlashAttention-2 CUDA kernel", *want]
+    kernels = _span_kernels.kernels_for("cuda", dtype, 64)
+    names = [(k.name, k.gqa) for k in kernels]
+    want = [("memory-efficient CUDA kernel", False)]
+    if dtype != torch.float32:  # FlashAttention-2 with grouped heads natively (and repeated)
+        want = [("FlashAttention-2 CUDA kernel", True), ("FlashAttention-2 CUDA kernel", False), *want]
     assert names == want
 
 

@@ -337,21 +337,28 @@ def fake_cuda(monkeypatch, fresh_checks):
     ops = FakeCudaOps()
     monkeypatch.setattr(_span_kernels, "OPS", ops)
     kernels = []
-    for kind in (_span_kernels.CudaFlash, _span_kernels.CudaEfficient):
-        kern = kind()
+    for kern in (
+        _span_kernels.CudaFlash(),
+        _span_kernels.CudaFlash(gqa=False),
+        _span_kernels.CudaEfficient(),
+    ):
         kern.dtypes = (*kern.dtypes, torch.float64)
         kern.depth_multiple = 1
         kernels.append(kern)
     monkeypatch.setitem(_span_kernels.KERNELS, "cpu", tuple(kernels))
-    assert len(_span_kernels.kernels_for("cpu", torch.float64, 8)) == 2  # their checks, done
+    assert len(_span_kernels.kernels_for("cpu", torch.float64, 8)) == 3  # their checks, done
     ops.calls.clear()
     return ops
 
 
 def test_cuda_kernels_pass_their_check_on_the_stand_ins(fake_cuda):
     assert _span_kernels.broken("cpu", torch.float64, 8) is None
-    names = [k.name for k in _span_kernels.kernels_for("cpu", torch.float64, 8)]
-    assert names == ["FlashAttention-2 CUDA kernel", "memory-efficient CUDA kernel"]
+    names = [repr(k) for k in _span_kernels.kernels_for("cpu", torch.float64, 8)]
+    assert names == [
+        "FlashAttention-2 CUDA kernel (aten._scaled_dot_product_flash_attention)",
+        "FlashAttention-2 CUDA kernel (aten._scaled_dot_product_flash_attention, K/V heads repeated)",
+        "memory-efficient CUDA kernel (aten._scaled_dot_product_efficient_attention, K/V heads repeated)",
+    ]
     text = explain(*_qkv(L=30, S=30), is_causal=True, causal_alignment="bottom_right")
     assert text.startswith("engine: fused (torch's FlashAttention-2 CUDA kernel per span without a mask, "
                            "memory-efficient CUDA kernel with one")  # fmt: skip
@@ -409,11 +416,24 @@ def test_cuda_lse_gradient_and_bias_on_the_cuda_kernels(fake_cuda):
 def test_a_wrong_flash_kernel_leaves_its_spans_to_the_efficient_one(fake_cuda):
     fake_cuda.broken = "flash"
     _span_kernels._check.cache_clear()
-    flash = _span_kernels.KERNELS["cpu"][0]
-    assert "gave unexpected lse" in _span_kernels._check(flash, "cpu", torch.float64)
+    for flash in _span_kernels.KERNELS["cpu"][:2]:
+        assert "gave unexpected lse" in _span_kernels._check(flash, "cpu", torch.float64)
+    fake_cuda.calls.clear()
     q, k, v = _qkv(L=30, S=30)
     _check_against_reference(q, k, v, ref_kwargs={}, engine="fused")
-    assert {c[0] for c in fake_cuda.calls if c[1] == 30 and c[2] == 30} == {"efficient"}
+    assert {c[0] for c in fake_cuda.calls} == {"efficient"}
+
+
+def test_flash_refusing_grouped_heads_gets_them_repeated(fake_cuda):
+    fake_cuda.flash_gqa = False
+    _span_kernels._check.cache_clear()
+    usable = _span_kernels.kernels_for("cpu", torch.float64, 8)
+    assert [k.gqa for k in usable] == [False, False]  # the native-GQA flash failed its check
+    fake_cuda.calls.clear()
+    fake_cuda.heads.clear()
+    q, k, v = _qkv(L=30, S=30)  # 4 query heads on 2 key/value heads
+    _check_against_reference(q, k, v, ref_kwargs={}, engine="fused")
+    assert {c[0] for c in fake_cuda.calls} == {"flash"} and set(fake_cuda.heads) == {(4, 4)}
 
 
 def test_a_wrong_efficient_kernel_sends_calls_to_the_chunked_engine(fake_cuda):
@@ -439,7 +459,7 @@ def test_what_the_fused_engine_takes_per_device():
     assert "float64 arrays" in no_fit("cuda", torch.float64, 64)
     assert "depth a multiple of 8" in no_fit("cuda", torch.bfloat16, 12)
     assert no_fit("cpu", torch.float64, 12) is None
-    flash, efficient = _span_kernels.KERNELS["cuda"]
+    flash, _, efficient = _span_kernels.KERNELS["cuda"]
     assert flash.fits(torch.float16, 256) and not flash.fits(torch.float16, 264)
     assert not flash.fits(torch.float32, 64) and efficient.fits(torch.float32, 264)
 

@@ -10,7 +10,7 @@ its log-sum-exp, and the span's share of dQ/dK/dV with that kernel's backward, w
   bfloat16, head depth <= 256, no mask, grouped heads natively).
 * ``CudaEfficient``: ``aten._scaled_dot_product_efficient_attention`` (the memory-efficient
   CUTLASS kernel: float32 too, an additive mask; its lse padded to a multiple of 32 rows; grouped
-  heads repeated).
+  heads repeated: ``gqa=False``, which ``SpanKernel.forward``/``backward`` handle for any kernel).
 
 Layouts (``Z`` batch, ``H`` query heads, ``K`` key/value heads, ``lq`` rows and ``kc`` keys of
 a span, ``D`` depth)::
@@ -65,14 +65,40 @@ class SpanKernel:
     def mask_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return dtype
 
+    def __init__(self, *, gqa: bool | None = None):
+        if gqa is not None:
+            self.gqa = gqa
+
     def forward(self, q, k, v, causal: bool, add, scale: float):
-        raise NotImplementedError
+        """``(out, lse)`` of one span."""
+        if not self.gqa and k.shape[1] != q.shape[1]:
+            k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
+        return self._forward(q, k, v, causal, add, scale)
 
     def backward(self, d_out, q, k, v, out, lse, causal: bool, add, scale: float):
+        """``(dq, dk, dv)``: the span's share, from the global ``out`` and ``lse``."""
+        kh = k.shape[1]
+        if self.gqa or kh == q.shape[1]:
+            return self._backward(d_out, q, k, v, out, lse, causal, add, scale)
+        k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
+        dq, dk, dv = self._backward(d_out, q, k, v, out, lse, causal, add, scale)
+        # the repeated heads' gradients summed back onto their key/value head
+        return dq, dk.unflatten(1, (kh, -1)).sum(2), dv.unflatten(1, (kh, -1)).sum(2)
+
+    def _forward(self, q, k, v, causal: bool, add, scale: float):
+        raise NotImplementedError
+
+    def _backward(self, d_out, q, k, v, out, lse, causal: bool, add, scale: float):
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{self.name} (aten.{self.op})"
+        heads = "" if self.gqa else ", K/V heads repeated"
+        return f"{self.name} (aten.{self.op}{heads})"
+
+
+def _repeat_heads(x, heads: int):
+    """``[Z, K, n, D]`` -> ``[Z, H, n, D]`` (query head ``h`` reads key/value head ``h // G``)."""
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
 class CpuFlash(SpanKernel):
@@ -83,10 +109,10 @@ class CpuFlash(SpanKernel):
     def mask_dtype(self, dtype):
         return torch.float32 if dtype in _HALF else dtype
 
-    def forward(self, q, k, v, causal, add, scale):
+    def _forward(self, q, k, v, causal, add, scale):
         return getattr(OPS, self.op)(q, k, v, 0.0, causal, attn_mask=add, scale=scale)
 
-    def backward(self, d_out, q, k, v, out, lse, causal, add, scale):
+    def _backward(self, d_out, q, k, v, out, lse, causal, add, scale):
         bop = getattr(OPS, self.op + "_backward")
         return bop(d_out, q, k, v, out, lse, 0.0, causal, attn_mask=add, scale=scale)
 
@@ -100,12 +126,12 @@ class CudaFlash(SpanKernel):
     takes_mask = False
     square_causal_only = True  # FA2 aligns a non-square causal mask to the bottom right
 
-    def forward(self, q, k, v, causal, add, scale):
+    def _forward(self, q, k, v, causal, add, scale):
         assert add is None
         out, lse, *_ = getattr(OPS, self.op)(q, k, v, 0.0, causal, False, scale=scale)
         return out, lse
 
-    def backward(self, d_out, q, k, v, out, lse, causal, add, scale):
+    def _backward(self, d_out, q, k, v, out, lse, causal, add, scale):
         bop = getattr(OPS, self.op + "_backward")
         # Without dropout the random state is unused; without packed sequences so are cum_seq_*.
         seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
@@ -127,31 +153,27 @@ class CudaEfficient(SpanKernel):
     zero_empty_rows = False
 
     @staticmethod
-    def _operands(q, k, v, add):
-        """K/V repeated to the query heads; the mask at ``[Z, H, lq, kc]`` (stride-0 views) over
-        storage whose rows are padded to a multiple of 16 elements (the kernel's alignment)."""
+    def _aligned(q, k, add):
+        """The mask at ``[Z, H, lq, kc]`` (stride-0 views) over storage whose rows are padded to
+        a multiple of 16 elements (the kernel's alignment)."""
+        if add is None:
+            return None
         z, h, lq, _ = q.shape
-        if k.shape[1] != h:
-            g = h // k.shape[1]
-            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-        if add is not None:
-            kc = k.shape[2]
-            pad = -(-kc // 16) * 16
-            if pad != kc or add.stride(-2) % 16 or add.stride(-1) != 1:
-                store = add.new_empty(*add.shape[:-1], pad)
-                store[..., :kc] = add
-                add = store[..., :kc]
-            add = add.expand(z, h, lq, kc)
-        return k, v, add
+        kc = k.shape[2]
+        pad = -(-kc // 16) * 16
+        if pad != kc or add.stride(-2) % 16 or add.stride(-1) != 1:
+            store = add.new_empty(*add.shape[:-1], pad)
+            store[..., :kc] = add
+            add = store[..., :kc]
+        return add.expand(z, h, lq, kc)
 
-    def forward(self, q, k, v, causal, add, scale):
-        k, v, add = self._operands(q, k, v, add)
+    def _forward(self, q, k, v, causal, add, scale):
+        add = self._aligned(q, k, add)
         out, lse, *_ = getattr(OPS, self.op)(q, k, v, add, True, 0.0, causal, scale=scale)
         return out, lse[..., : q.shape[2]]
 
-    def backward(self, d_out, q, k, v, out, lse, causal, add, scale):
-        kh = k.shape[1]
-        k, v, add = self._operands(q, k, v, add)
+    def _backward(self, d_out, q, k, v, out, lse, causal, add, scale):
+        add = self._aligned(q, k, add)
         lq = q.shape[2]
         padded = lse.new_zeros(*lse.shape[:-1], _rows32(lq))
         padded[..., :lq] = lse
@@ -162,15 +184,14 @@ class CudaEfficient(SpanKernel):
             d_out, q, k, v, add, out, padded, seed, offset, 0.0, [True, True, True, False], causal,
             scale=scale,
         )  # fmt: skip
-        if kh != q.shape[1]:  # the repeated heads' gradients summed back onto their K/V head
-            dk = dk.unflatten(1, (kh, -1)).sum(2)
-            dv = dv.unflatten(1, (kh, -1)).sum(2)
         return dq, dk, dv
 
 
 KERNELS: dict[str, tuple[SpanKernel, ...]] = {
     "cpu": (CpuFlash(),),
-    "cuda": (CudaFlash(), CudaEfficient()),
+    # FlashAttention-2 maps query heads to key/value heads itself; should this torch's operator
+    # refuse grouped heads (its check fails), the second one repeats them.
+    "cuda": (CudaFlash(), CudaFlash(gqa=False), CudaEfficient()),
 }
 
 
