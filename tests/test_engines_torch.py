@@ -522,13 +522,65 @@ def test_jax_takes_the_engine_keyword_and_has_no_fused_engine_yet():
         jax_attention(q, q, q, engine="triton")  # ("pallas" is JAX's Pallas engine: test_pallas)
 
 
-def test_decoding_picks_the_engine_by_the_key_layout():
+def test_decoding_picks_the_engine_by_the_key_layout(monkeypatch):
+    monkeypatch.setattr(_engines, "STRIDED_MIN_KEYS", 400)
     q = torch.randn(1, 1, 8, 16)
     seed_layout = torch.randn(1, 500, 8, 16)  # [B, S, K, D]: each head's keys strided
     assert "strided per head" in explain(q, seed_layout, seed_layout)
+    assert explain(q, seed_layout[:, :399], seed_layout[:, :399]).startswith("engine: fused")  # few keys
     heads_first = torch.randn(1, 8, 500, 16).transpose(1, 2)  # a heads-first cache, seen [B, S, K, D]
     assert explain(q, heads_first, heads_first).startswith("engine: fused")
     gqa = torch.randn(1, 500, 1, 16)
     assert explain(q, gqa, gqa).startswith("engine: fused")
     grouped = torch.randn(1, 500, 2, 16)  # 4 query heads per key/value head, strided: fused
     assert explain(q, grouped, grouped).startswith("engine: fused")
+
+
+@pytest.mark.parametrize("engine", ["fused", "chunked"])
+def test_forward_only_path_equals_the_autograd_path(engine):
+    """Without any tensor that needs a gradient the engine runs without the autograd Function
+    (no saved statistics): same outputs and lse, dropout included."""
+    q, k, v = _qkv(grad=False)
+    kwargs = dict(is_causal=True, engine=engine, return_lse=True)
+    if engine == "chunked":
+        kwargs["dropout_rate"] = 0.2
+    a = attention(q, k, v, generator=torch.Generator().manual_seed(0), **kwargs)
+    b = attention(q.requires_grad_(), k, v, generator=torch.Generator().manual_seed(0), **kwargs)
+    with torch.no_grad():
+        c = attention(q, k, v, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert a[0].grad_fn is None and c[0].grad_fn is None and b[0].grad_fn is not None
+    for x, y in zip((*a, *c), (*b, *b)):
+        torch.testing.assert_close(x, y.detach(), atol=1e-14, rtol=1e-14)
+    with torch.autograd.forward_ad.dual_level():  # forward mode: through the Function (its jvp)
+        dual = torch.autograd.forward_ad.make_dual(q.detach(), torch.ones_like(q))
+        out = attention(dual, k, v, is_causal=True, engine=engine)
+        assert torch.autograd.forward_ad.unpack_dual(out).tangent is not None
+
+
+@pytest.mark.parametrize("L, K, S", [(1, 1, 37), (3, 2, 40), (2, 4, 64)])
+def test_decoding_splits_the_keys_and_merges_by_lse(monkeypatch, L, K, S):
+    """Few query rows per key/value head, many keys: the keys in parts (and a remainder), the
+    parts merged by lse; outputs, lse and gradients (the backward on torch's kernel) against the
+    float64 reference."""
+    monkeypatch.setattr(_fused, "SPLIT_KEYS", 8)
+    monkeypatch.setattr(_fused, "SPLIT_MIN_KEYS", 16)
+    gen = torch.Generator().manual_seed(L * 100 + K)
+    q = torch.randn(2, L, 8, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    heads_first = torch.randn(2, 2, K, S, 16, generator=gen, dtype=torch.float64)
+    k, v = (x.transpose(1, 2).requires_grad_() for x in heads_first)  # [B, S, K, D] views
+    text = explain(q, k, v)
+    assert text.startswith(f"engine: fused (decoding: the keys in {S // 8} parts"), text
+    _check_against_reference(q, k, v, ref_kwargs={})
+    out, lse = attention(q.detach(), k.detach(), v.detach(), return_lse=True)
+    _, ref_lse = reference_attention(*(t.detach().numpy() for t in (q, k, v)), return_lse=True)
+    assert_close(lse.numpy(), ref_lse, "float64", "lse")
+    # not for: a mask or bias, one query head per key/value head, half precision, keys strided
+    for kwargs in (dict(is_causal=True, causal_alignment="top_left"), dict(bias=torch.zeros(S))):
+        if L > 1 or "bias" in kwargs:
+            assert "decoding" not in explain(q, k, v, **kwargs)
+    one = q[:, :, :K]
+    assert "decoding" not in explain(one, k, v)
+    assert "decoding" not in explain(q.float().half(), k.half(), v.half())
+    if K > 1:
+        strided = torch.randn(2, S, K, 16, dtype=torch.float64)
+        assert "decoding" not in explain(q, strided, strided)

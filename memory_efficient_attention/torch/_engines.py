@@ -35,6 +35,7 @@ from ._kernel import (
     attention_backward,
     attention_forward,
     base2_overflowed,
+    log_sum_exp,
     scores_may_overflow,
 )
 
@@ -90,14 +91,18 @@ def choose(cfg: KernelConfig, mods: Mods, ops) -> tuple[str, str | None]:
     return ("fused" if reason is None else "chunked"), reason
 
 
+STRIDED_MIN_KEYS = 32768
+
+
 def _strided_decoding(cfg: KernelConfig, ops) -> str | None:
     """Few query rows, one per key/value head, against keys laid out ``[B..., S, K, D]`` (the seed
     layout): torch's fused kernel reads each head's keys strided, and the chunked engine measured
     faster (decoding 1 x 65536, 8 heads: 27 ms against 34 ms; heads-first keys, as in Hugging
     Face's KV cache, take 10 ms fused, as SDPA). With grouped queries the fused kernel wins
-    (8192 keys x 8 rows, 32 heads on 4: 29 ms against 58 ms)."""
+    (8192 keys x 8 rows, 32 heads on 4: 29 ms against 58 ms), and with fewer keys too (4096:
+    1.5 ms fused against 3.0 chunked; 16384: 8.0 against 8.9; ``benchmarks/engines/decoding.py``)."""
     dims = cfg.dims
-    few = dims.q_len * dims.groups <= 8 and dims.groups == 1
+    few = dims.q_len * dims.groups <= 8 and dims.groups == 1 and dims.kv_len >= STRIDED_MIN_KEYS
     if few and dims.kv_heads > 1 and ops.k.stride(2) != dims.qk_depth:
         return "few query rows against keys strided per head ([B..., S, K, D]: chunked measured faster)"
     return None
@@ -116,6 +121,18 @@ def forward(cfg: KernelConfig, mods: Mods, ops, seed: int):
             mods.natural = True  # an lse beyond base-2 units: the statistics in natural units
         return (out, *_fused.statistics(lse, _unit(mods)))
     return _chunked_forward(cfg, mods, ops, seed)
+
+
+def forward_only(cfg: KernelConfig, mods: Mods, ops, seed: int):
+    """``(out, lse)`` when no derivative can follow (``_function._forward_only``): the fused
+    engine's lse as it comes, no statistics kept."""
+    engine, reason = choose(cfg, mods, ops)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("forward: %s engine%s", engine, "" if reason is None else f" ({reason})")
+    if engine == "fused":
+        return _fused.fused_forward(cfg, mods, ops)
+    out, row_max, row_sum = _chunked_forward(cfg, mods, ops, seed)
+    return out, log_sum_exp(row_max, row_sum, mods)
 
 
 def _chunked_forward(cfg: KernelConfig, mods: Mods, ops, seed: int):
@@ -205,10 +222,18 @@ def explain(cfg: KernelConfig, mods: Mods, ops) -> str:
     engine, reason = choose(cfg, mods, ops)
     if engine == "fused":
         plain, masked = _fused._kernels(ops)
+        plan = _fused.span_plan(cfg, ops)
+        if _fused.splits_keys(cfg, ops, plan):
+            parts = max(1, cfg.dims.kv_len // _fused.SPLIT_KEYS)
+            head = (
+                f"engine: fused (decoding: the keys in {parts} part{'s' * (parts > 1)}, batched "
+                f"matmuls, merged by lse; torch's {plain.name} for the backward)"
+            )
+            return f"{head}\n{plan}"
         kernels = f"{plain.name} per span"
         if plain is not masked:
             kernels += f" without a mask, {masked.name} with one"
         head = f"engine: fused (torch's {kernels}, merged by lse)"
-        return f"{head}\n{_fused.span_plan(cfg, ops)}"
+        return f"{head}\n{plan}"
     why = f" (not fused: {reason})" if reason else ""
     return f"engine: chunked{why}\n{cfg.plan}"

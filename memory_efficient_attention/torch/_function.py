@@ -16,6 +16,7 @@ import types
 from typing import NamedTuple
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from .._config import KernelConfig
 from . import _engines as engines
@@ -216,6 +217,7 @@ class ChunkedAttention(torch.autograd.Function):
         ctx.save_for_backward(*tensors, out, row_max, row_sum)
         ctx.save_for_forward(*tensors, out, row_max, row_sum)
         ctx.mark_non_differentiable(row_max, row_sum)
+        ctx.lse_stride = output[1].stride()
 
     @staticmethod
     def backward(ctx, d_out, d_lse, _d_max, _d_sum):
@@ -237,7 +239,9 @@ class ChunkedAttention(torch.autograd.Function):
         _, ops, _ = _TENSORS.split(saved)
         _, t_ops, _ = _FORWARD.split(tangents)
         d_out, d_lse = attention_jvp(ctx.cfg, ctx.mods, ops, ctx.seed, out, row_max, row_sum, t_ops)
-        return d_out, d_lse, None, None
+        # A tangent laid out as its primal (the fused engine's ``out`` is a transposed view):
+        # forward-mode AD on dual tensors requires it.
+        return _like(d_out, out.stride()), _like(d_lse, ctx.lse_stride), None, None
 
     @staticmethod
     def vmap(info, in_dims, cfg: KernelConfig, mods: Mods, seed: int, *tensors):
@@ -369,5 +373,28 @@ def chunked_attention(cfg: KernelConfig, mods: Mods, seed: int, ops: Operands):
                 "with torch.autograd (.backward(), torch.autograd.grad), or pass that term as a "
                 "dense bias"
             )
+    if _forward_only(ops, mods.captured):
+        return engines.forward_only(cfg, mods, ops, seed)
     out, lse, _, _ = ChunkedAttention.apply(cfg, mods, seed, *ops, *mods.captured)
     return out, lse
+
+
+def _like(tangent, stride):
+    """``tangent`` laid out with its primal's ``stride`` (a dense layout, maybe permuted)."""
+    if tangent.stride() == stride:
+        return tangent
+    return torch.empty_strided(tangent.shape, stride, dtype=tangent.dtype, device=tangent.device).copy_(
+        tangent
+    )
+
+
+def _forward_only(ops: Operands, captured) -> bool:
+    """Whether no derivative of this call can be asked for (no tensor requires grad, or grad mode
+    is off; no forward-mode dual level; no torch.func transform): then the engine runs without
+    the autograd Function and its saved statistics (inference, e.g. decoding under no_grad)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*ops, *captured)):
+        return False
+    # (a torch without these private flags takes the Function: always correct)
+    no_dual_level = getattr(forward_ad, "_current_level", 0) < 0
+    transforms = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+    return no_dual_level and not transforms()
