@@ -584,3 +584,15 @@ def test_decoding_splits_the_keys_and_merges_by_lse(monkeypatch, L, K, S):
     if K > 1:
         strided = torch.randn(2, S, K, 16, dtype=torch.float64)
         assert "decoding" not in explain(q, strided, strided)
+
+
+def test_the_kernel_check_works_in_inference_mode_and_inside_transforms(fresh_checks):
+    """The first call may run the kernel check anywhere: inference mode, under vmap."""
+    q = torch.randn(3, 2, 20, 2, 8)
+    with torch.inference_mode():
+        out = attention(q[0], q[0], q[0])
+        assert _span_kernels.broken("cpu", torch.float32, 8) is None
+    _span_kernels._check.cache_clear()
+    batched = torch.func.vmap(lambda x: attention(x, x, x))(q)
+    assert _span_kernels.broken("cpu", torch.float32, 8) is None
+    torch.testing.assert_close(batched[0], out)

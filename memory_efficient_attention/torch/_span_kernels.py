@@ -257,13 +257,19 @@ def _disagreement(kern: SpanKernel, device: str, dtype: torch.dtype) -> str | No
     add = torch.zeros(1, 1, 5, s, dtype=torch.float64).masked_fill(~extra, float("-inf"))
     keep &= extra
     causal = True
-    with torch.enable_grad():  # (a first call may come from inside an autograd.Function)
-        ref = [x.clone().requires_grad_() for x in (q, k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1))]
-        s = (ref[0] @ ref[1].transpose(-1, -2) * 0.5).masked_fill(~keep, float("-inf"))
-        want_out = s.softmax(-1) @ ref[2]
-        want_grads = torch.autograd.grad(want_out, ref, d_out)
-    want_grads = [want_grads[0], *(g.sum(1, keepdim=True) for g in want_grads[1:])]
-    want_lse = s.logsumexp(-1).detach()
+    # The dense formula and its gradients written out (no autograd: a first call may come from
+    # inside an autograd.Function, inference mode or a torch.func transform).
+    k2, v2 = k.expand(1, 2, s, 8), v.expand(1, 2, s, 8)
+    scores = (q @ k2.transpose(-1, -2) * 0.5).masked_fill(~keep, float("-inf"))
+    p = scores.softmax(-1)
+    want_out = p @ v2
+    d_s = p * (d_out @ v2.transpose(-1, -2) - (d_out * want_out).sum(-1, keepdim=True))
+    want_grads = [
+        d_s @ k2 * 0.5,
+        (d_s.transpose(-1, -2) @ q * 0.5).sum(1, keepdim=True),
+        (p.transpose(-1, -2) @ d_out).sum(1, keepdim=True),
+    ]
+    want_lse = scores.logsumexp(-1)
     cast = [x.to(device=device, dtype=dtype) for x in (q, k, v, d_out)]
     mask = add.to(device=device, dtype=kern.mask_dtype(dtype)) if kern.takes_mask else None
     with torch.no_grad():
