@@ -172,6 +172,26 @@ def lse_merge_weights(xp, lse_a, lse_b):
     return xp.exp(lse_a - safe), xp.exp(lse_b - safe), lse
 
 
+def broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...] | None:
+    """The broadcast of ``shapes`` (NumPy's rule), or None where they do not broadcast: plain
+    Python, for the per-call path (``torch.broadcast_shapes`` costs tens of microseconds).
+
+    >>> broadcast_shapes((2, 1, 5), (3, 1), ())
+    (2, 3, 5)
+    >>> broadcast_shapes((2,), (3,)) is None
+    True
+    """
+    rank = max((len(s) for s in shapes), default=0)
+    out = [1] * rank
+    for shape in shapes:
+        for i, n in enumerate(shape, start=rank - len(shape)):
+            if n != 1:
+                if out[i] not in (1, n):
+                    return None
+                out[i] = n
+    return tuple(out)
+
+
 def describe(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
 

@@ -711,3 +711,18 @@ def test_chunk_sizes_follow_a_local_window_but_honour_explicit_sizes():
     assert choose_chunk_sizes(dims, "float32", band=513) == (256, 256)
     assert choose_chunk_sizes(dims, "float32", band=9) == (64, 64)
     assert choose_chunk_sizes(dims, "float32", 1000, 300, band=9) == (1000, 300)
+
+
+def test_broadcast_shapes_follows_numpy():
+    import numpy as np
+
+    from memory_efficient_attention._spec import broadcast_shapes
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        shapes = [tuple(int(x) for x in rng.choice([0, 1, 2, 3], size=rng.integers(0, 4))) for _ in range(3)]
+        try:
+            want = tuple(np.broadcast_shapes(*shapes))
+        except ValueError:
+            want = None
+        assert broadcast_shapes(*shapes) == want, shapes

@@ -19,6 +19,7 @@ from .._spec import (
     AttentionInputError,
     Dims,
     additive_mask_error,
+    broadcast_shapes,
     check_float_dtypes,
     check_page_range,
     check_sinks,
@@ -429,9 +430,8 @@ def _broadcast_heads_first(query, key, value, enable_gqa: bool):
         return None
     rank = max(3, *(len(s) for s in shapes))
     padded = [(1,) * (rank - len(s)) + s for s in shapes]
-    try:
-        batch_shape = tuple(torch.broadcast_shapes(*(s[:-3] for s in padded)))
-    except RuntimeError:
+    batch_shape = broadcast_shapes(*(s[:-3] for s in padded))
+    if batch_shape is None:
         return None
     hq, hk, hv = (s[-3] for s in padded)
     gqa = enable_gqa
@@ -440,9 +440,8 @@ def _broadcast_heads_first(query, key, value, enable_gqa: bool):
             hk = hv = max(hk, hv)
         heads, out_lead = (hq, hk, hv), (*batch_shape, hq)
     else:
-        try:
-            out_lead = tuple(torch.broadcast_shapes(*(s[:-2] for s in shapes)))
-        except RuntimeError:
+        out_lead = broadcast_shapes(*(s[:-2] for s in shapes))
+        if out_lead is None:
             return None
         h = max(hq, hk, hv)
         if hk == hv == 1 and hq > 1:
