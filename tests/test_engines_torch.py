@@ -564,6 +564,9 @@ def test_decoding_splits_the_keys_and_merges_by_lse(monkeypatch, L, K, S):
     float64 reference."""
     monkeypatch.setattr(_fused, "SPLIT_KEYS", 8)
     monkeypatch.setattr(_fused, "SPLIT_MIN_KEYS", 16)
+    runs = []
+    split = _fused._split_keys_forward
+    monkeypatch.setattr(_fused, "_split_keys_forward", lambda *a: runs.append(1) or split(*a))
     gen = torch.Generator().manual_seed(L * 100 + K)
     q = torch.randn(2, L, 8, 16, generator=gen, dtype=torch.float64, requires_grad=True)
     heads_first = torch.randn(2, 2, K, S, 16, generator=gen, dtype=torch.float64)
@@ -571,13 +574,15 @@ def test_decoding_splits_the_keys_and_merges_by_lse(monkeypatch, L, K, S):
     text = explain(q, k, v)
     assert text.startswith(f"engine: fused (decoding: the keys in {S // 8} parts"), text
     _check_against_reference(q, k, v, ref_kwargs={})
+    assert runs == [1]  # the forward took the split path
     out, lse = attention(q.detach(), k.detach(), v.detach(), return_lse=True)
     _, ref_lse = reference_attention(*(t.detach().numpy() for t in (q, k, v)), return_lse=True)
     assert_close(lse.numpy(), ref_lse, "float64", "lse")
     # not for: a mask or bias, one query head per key/value head, half precision, keys strided
     for kwargs in (dict(is_causal=True, causal_alignment="top_left"), dict(bias=torch.zeros(S))):
-        if L > 1 or "bias" in kwargs:
-            assert "decoding" not in explain(q, k, v, **kwargs)
+        assert "decoding" not in explain(q, k, v, **kwargs)
+    causal = dict(is_causal=True, causal_alignment="top_left")  # row i sees keys 0..i only
+    _check_against_reference(q, k, v, ref_kwargs=causal, **causal)
     one = q[:, :, :K]
     assert "decoding" not in explain(one, k, v)
     assert "decoding" not in explain(q.float().half(), k.half(), v.half())

@@ -224,7 +224,7 @@ def explain(cfg: KernelConfig, mods: Mods, ops) -> str:
         plain, masked = _fused._kernels(ops)
         plan = _fused.span_plan(cfg, ops)
         if _fused.splits_keys(cfg, ops, plan):
-            parts = max(1, cfg.dims.kv_len // _fused.SPLIT_KEYS)
+            parts = _fused.key_parts(cfg.dims.kv_len)
             head = (
                 f"engine: fused (decoding: the keys in {parts} part{'s' * (parts > 1)}, batched "
                 f"matmuls, merged by lse; torch's {plain.name} for the backward)"

@@ -131,9 +131,10 @@ def splits_keys(cfg: KernelConfig, ops, plan: SpanPlan) -> bool:
     """Whether ``fused_forward`` takes the split-keys (decoding) path for this call."""
     dims = cfg.dims
     rows = dims.q_len * dims.groups
+    spans = plan.rows[0][2] if len(plan.rows) == 1 else ()
     return (
-        len(plan.rows) == 1
-        and all(span.kind == FULL for span in plan.rows[0][2])
+        all(span.kind == FULL for span in spans)
+        and sum(span.k1 - span.k0 for span in spans) == dims.kv_len  # every key, every row
         and ops.bias is None
         and ops.mask is None
         and dims.groups > 1
@@ -146,13 +147,18 @@ def splits_keys(cfg: KernelConfig, ops, plan: SpanPlan) -> bool:
     )
 
 
+def key_parts(kv_len: int) -> int:
+    """How many parts the split-keys path cuts ``kv_len`` keys into (the last takes the rest)."""
+    return max(1, kv_len // SPLIT_KEYS)
+
+
 def _split_keys_forward(cfg: KernelConfig, ops):
     """``fused_forward`` for decoding (``splits_keys``): ``q [Z, K, 1, L*G, D]`` against the keys
     as ``[Z, K, P, c, D]`` (plus the remainder as one more part), each part's softmax statistics
     kept, the parts merged by their lse."""
     dims = cfg.dims
     z, kh, L, g = dims.batch_size, dims.kv_heads, dims.q_len, dims.groups
-    S, parts = dims.kv_len, max(1, dims.kv_len // SPLIT_KEYS)
+    S, parts = dims.kv_len, key_parts(dims.kv_len)
     c = S // parts
     main = parts * c
     q = (ops.q * cfg.scale).reshape(z, kh, 1, L * g, dims.qk_depth)
