@@ -537,17 +537,23 @@ def test_decoding_picks_the_engine_by_the_key_layout(monkeypatch):
 
 
 @pytest.mark.parametrize("engine", ["fused", "chunked"])
-def test_forward_only_path_equals_the_autograd_path(engine):
+def test_forward_only_path_equals_the_autograd_path(engine, monkeypatch):
     """Without any tensor that needs a gradient the engine runs without the autograd Function
     (no saved statistics): same outputs and lse, dropout included."""
+    runs = []
+    only = _engines.forward_only
+    monkeypatch.setattr(_engines, "forward_only", lambda *a: runs.append(1) or only(*a))
     q, k, v = _qkv(grad=False)
     kwargs = dict(is_causal=True, engine=engine, return_lse=True)
     if engine == "chunked":
         kwargs["dropout_rate"] = 0.2
     a = attention(q, k, v, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert len(runs) == 1  # no tensor needs a gradient: the forward-only path
     b = attention(q.requires_grad_(), k, v, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert len(runs) == 1  # q needs one: the autograd Function
     with torch.no_grad():
         c = attention(q, k, v, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert len(runs) == 2  # grad mode off: forward only again
     assert a[0].grad_fn is None and c[0].grad_fn is None and b[0].grad_fn is not None
     for x, y in zip((*a, *c), (*b, *b)):
         torch.testing.assert_close(x, y.detach(), atol=1e-14, rtol=1e-14)

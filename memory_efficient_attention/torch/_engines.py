@@ -108,13 +108,18 @@ def _strided_decoding(cfg: KernelConfig, ops) -> str | None:
     return None
 
 
-def forward(cfg: KernelConfig, mods: Mods, ops, seed: int):
-    """``(out, row_max, row_sum)`` by the engine ``choose`` picks (remembered in ``mods.engine``)."""
+def _forward_engine(cfg: KernelConfig, mods: Mods, ops) -> str:
+    """The forward's engine (``choose``), remembered in ``mods.engine`` and logged."""
     engine, reason = choose(cfg, mods, ops)
     mods.engine = engine
     if log.isEnabledFor(logging.DEBUG):
         log.debug("forward: %s engine%s", engine, "" if reason is None else f" ({reason})")
-    if engine == "fused":
+    return engine
+
+
+def forward(cfg: KernelConfig, mods: Mods, ops, seed: int):
+    """``(out, row_max, row_sum)`` by the engine ``choose`` picks (remembered in ``mods.engine``)."""
+    if _forward_engine(cfg, mods, ops) == "fused":
         out, lse = _fused.fused_forward(cfg, mods, ops)
         limit = torch.finfo(lse.dtype).max / 4
         if _unit(mods) != 1.0 and not bool(lse.nan_to_num(neginf=0.0).abs().amax() <= limit):
@@ -126,10 +131,7 @@ def forward(cfg: KernelConfig, mods: Mods, ops, seed: int):
 def forward_only(cfg: KernelConfig, mods: Mods, ops, seed: int):
     """``(out, lse)`` when no derivative can follow (``_function._forward_only``): the fused
     engine's lse as it comes, no statistics kept."""
-    engine, reason = choose(cfg, mods, ops)
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug("forward: %s engine%s", engine, "" if reason is None else f" ({reason})")
-    if engine == "fused":
+    if _forward_engine(cfg, mods, ops) == "fused":
         return _fused.fused_forward(cfg, mods, ops)
     out, row_max, row_sum = _chunked_forward(cfg, mods, ops, seed)
     return out, log_sum_exp(row_max, row_sum, mods)

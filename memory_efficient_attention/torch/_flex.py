@@ -79,14 +79,14 @@ def _block_lists(mask: StructuredMask):
     static plan at ``BLOCK`` x ``BLOCK``: partial blocks first in each row, then padding."""
     plan = BlockPlan.build(mask, BLOCK, BLOCK)
     nk = plan.num_k_chunks
-    partial, full = [], []
+    counts, partial, full_counts, full = [], [], [], []
     for row in plan.kinds:
         part = [j for j, kind in enumerate(row) if kind not in (EMPTY, FULL)]
         whole = [j for j, kind in enumerate(row) if kind == FULL]
+        counts.append(len(part))
+        full_counts.append(len(whole))
         partial.append(part + [0] * (nk - len(part)))
         full.append(whole + [0] * (nk - len(whole)))
-    counts = [sum(k not in (EMPTY, FULL) for k in row) for row in plan.kinds]
-    full_counts = [sum(k == FULL for k in row) for row in plan.kinds]
     return counts, partial, full_counts, full
 
 

@@ -383,9 +383,8 @@ def _like(tangent, stride):
     """``tangent`` laid out with its primal's ``stride`` (a dense layout, maybe permuted)."""
     if tangent.stride() == stride:
         return tangent
-    return torch.empty_strided(tangent.shape, stride, dtype=tangent.dtype, device=tangent.device).copy_(
-        tangent
-    )
+    laid = torch.empty_strided(tangent.shape, stride, dtype=tangent.dtype, device=tangent.device)
+    return laid.copy_(tangent)
 
 
 def _forward_only(ops: Operands, captured) -> bool:
